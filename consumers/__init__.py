@@ -1,0 +1,1 @@
+"""angelstream consumers: programs that read the tick streams (candles, tail, other languages)."""

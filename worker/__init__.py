@@ -1,0 +1,1 @@
+"""angelstream worker: Angel One SmartStream → normalized ticks → one Redis stream per symbol."""

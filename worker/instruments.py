@@ -1,0 +1,155 @@
+"""Angel's instrument master (``OpenAPIScripMaster.json``): parse, index, look up.
+
+Every row of the master is an object whose values are all strings (spec §7.3). An instrument is
+addressed by users as ``EXCHANGE:SYMBOL`` (``exch_seg`` and ``symbol``, e.g. ``NSE:SBIN-EQ``) and
+on the wire by ``(exchangeType, token)``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from worker.protocol import EXCHANGE_TYPE_BY_SEGMENT
+
+_REQUIRED = ("token", "symbol", "exch_seg")
+
+
+class InstrumentError(ValueError):
+    """The instrument master cannot be read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    token: str
+    symbol: str
+    exchange: str  # exch_seg: NSE, NFO, BSE, BFO, MCX, NCDEX, CDS
+    exchange_type: int
+    name: str = ""
+    instrument_type: str = ""
+    expiry: str = ""
+    strike: str = ""
+    lot_size: int = 1
+    tick_size: Decimal = Decimal(1)  # in paise, as the master gives it
+
+    @property
+    def key(self) -> str:
+        return f"{self.exchange}:{self.symbol}"
+
+    def to_row(self) -> dict[str, str]:
+        """The instrument as an ``OpenAPIScripMaster.json`` row."""
+        return {
+            "token": self.token,
+            "symbol": self.symbol,
+            "name": self.name,
+            "expiry": self.expiry,
+            "strike": self.strike or "-1.000000",
+            "lotsize": str(self.lot_size),
+            "instrumenttype": self.instrument_type,
+            "exch_seg": self.exchange,
+            "tick_size": f"{self.tick_size:f}",
+        }
+
+
+def _instrument(index: int, row: Any) -> Instrument | None:
+    if not isinstance(row, Mapping):
+        raise InstrumentError(f"instrument master row {index} is not an object")
+    for name in _REQUIRED:
+        if not isinstance(row.get(name), str) or not row[name]:
+            raise InstrumentError(f"instrument master row {index} has no {name!r}")
+    exchange_type = EXCHANGE_TYPE_BY_SEGMENT.get(row["exch_seg"])
+    if exchange_type is None:
+        return None  # a segment SmartStream does not serve
+    try:
+        lot_size = int(Decimal(str(row.get("lotsize") or 1)))
+        tick_size = Decimal(str(row.get("tick_size") or 1))
+    except (InvalidOperation, ValueError):
+        raise InstrumentError(
+            f"instrument master row {index} ({row['symbol']}) has a bad lotsize or tick_size"
+        ) from None
+    return Instrument(
+        token=row["token"],
+        symbol=row["symbol"],
+        exchange=row["exch_seg"],
+        exchange_type=int(exchange_type),
+        name=str(row.get("name") or ""),
+        instrument_type=str(row.get("instrumenttype") or ""),
+        expiry=str(row.get("expiry") or ""),
+        strike=str(row.get("strike") or ""),
+        lot_size=lot_size,
+        tick_size=tick_size,
+    )
+
+
+def parse_master(raw: bytes | str) -> list[Instrument]:
+    """Parse an ``OpenAPIScripMaster.json`` document; rows of unknown segments are skipped."""
+    try:
+        rows = json.loads(raw)
+    except ValueError as exc:
+        raise InstrumentError(f"instrument master is not JSON: {exc}") from None
+    if not isinstance(rows, list):
+        raise InstrumentError("instrument master must be a JSON array of rows")
+    return [inst for i, row in enumerate(rows) if (inst := _instrument(i, row)) is not None]
+
+
+def dump_master(instruments: Iterable[Instrument]) -> bytes:
+    return json.dumps([inst.to_row() for inst in instruments], separators=(",", ":")).encode()
+
+
+def bundled_master_path() -> Path:
+    """The small master shipped with the package, for tests and the demo."""
+    return Path(str(resources.files("worker") / "data" / "instruments.json"))
+
+
+def load_master_file(path: str | Path) -> list[Instrument]:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise InstrumentError(f"cannot read instrument master {path}: {exc.strerror}") from None
+    return parse_master(raw)
+
+
+class InstrumentIndex:
+    """Both directions: ``EXCHANGE:SYMBOL`` → instrument and ``(exchangeType, token)`` → instrument."""
+
+    def __init__(self, instruments: Iterable[Instrument]) -> None:
+        self.by_key: dict[str, Instrument] = {}
+        self.by_token: dict[tuple[int, str], Instrument] = {}
+        for inst in instruments:
+            self.by_key[inst.key] = inst
+            self.by_token[(inst.exchange_type, inst.token)] = inst
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def __iter__(self) -> Iterator[Instrument]:
+        return iter(self.by_key.values())
+
+    def get(self, key: str) -> Instrument | None:
+        return self.by_key.get(key)
+
+    def by_wire(self, exchange_type: int, token: str) -> Instrument | None:
+        return self.by_token.get((exchange_type, token))
+
+
+def generate_master(count: int, seed: int = 1) -> list[Instrument]:
+    """A synthetic NSE cash master of ``count`` instruments (load tests, benchmarks)."""
+    rng = random.Random(seed)
+    return [
+        Instrument(
+            token=str(100_000 + i),
+            symbol=f"SYM{i:05d}-EQ",
+            exchange="NSE",
+            exchange_type=1,
+            name=f"SYM{i:05d}",
+            lot_size=1,
+            tick_size=Decimal(rng.choice((1, 5, 10))),
+        )
+        for i in range(count)
+    ]
