@@ -54,8 +54,8 @@ def test_snap_quote_buckets_depth_by_flag_and_keeps_floats() -> None:
     packet = p.decode(head + quote + snap + depth + limits)
     assert isinstance(packet, p.SnapQuotePacket)
     assert packet.bids[0] == p.DepthLevel(price=1000, quantity=10, orders=0)
-    assert [b.price for b in packet.bids] == [1000, 999, 998, 997, 996]
-    assert [a.price for a in packet.asks] == [1001, 1002, 1003, 1004, 1005]
+    assert [price for _, price, _ in packet.bids] == [1000, 999, 998, 997, 996]
+    assert [price for _, price, _ in packet.asks] == [1001, 1002, 1003, 1004, 1005]
     assert packet.total_buy_quantity == 224305.0
     assert packet.open_interest_change_pct == 0.0302
     assert (packet.upper_circuit, packet.lower_circuit, packet.high_52_week, packet.low_52_week) == (
@@ -69,13 +69,20 @@ def test_depth20_reads_exchange_timestamp_at_27_and_received_time_at_35() -> Non
     packet = p.decode(frame)
     assert isinstance(packet, p.Depth20Packet)
     assert (packet.exchange_timestamp, packet.packet_received_time) == (111, 222)
-    assert packet.bids[0] == p.DepthLevel(100, 0, 1)
-    assert packet.asks[-1] == p.DepthLevel(139, 39, 1)
+    assert packet.bids[0] == p.DepthLevel(quantity=0, price=100, orders=1)
+    assert packet.asks[-1] == p.DepthLevel(quantity=39, price=139, orders=1)
 
 
 def test_token_stops_at_the_first_nul_like_the_sdk() -> None:
     frame = struct.pack("<BB25sqqq", 1, 1, b"3045\x00\x0799", 1, 2, 3)
     assert p.decode(frame).token == "3045"
+
+
+def test_token_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p, "_TOKEN_CACHE", {})
+    monkeypatch.setattr(p, "_TOKEN_CACHE_LIMIT", 1)
+    assert [p.decode(p.encode(p.LtpPacket(1, 1, t, 1, 2, 3))).token for t in ("1", "2", "1")] == ["1", "2", "1"]
+    assert p._TOKEN_CACHE == {b"1" + bytes(24): "1"}
 
 
 def test_decode_accepts_bytearray_and_memoryview() -> None:
@@ -169,6 +176,8 @@ def test_build_requests_groups_by_mode_and_exchange_and_chunks_at_the_limit() ->
 def test_build_requests_default_limit_is_1000_tokens() -> None:
     requests = p.build_requests(p.Action.SUBSCRIBE, [(2, 1, str(i)) for i in range(2500)])
     assert [r.token_count for r in requests] == [1000, 1000, 500]
+    exactly_full = p.build_requests(p.Action.SUBSCRIBE, [(2, 1, str(i)) for i in range(2000)])
+    assert [r.token_count for r in exactly_full] == [1000, 1000]
 
 
 def test_build_requests_depth20_is_nse_cm_only_and_50_per_request() -> None:

@@ -33,8 +33,8 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b) and type(a) is type(b)
 
 
-def _levels(levels: tuple[p.DepthLevel, ...], flag: int) -> list[dict[str, int]]:
-    return [{"flag": flag, "quantity": lv.quantity, "price": lv.price, "no of orders": lv.orders} for lv in levels]
+def _levels(levels: tuple[p.Level, ...], flag: int) -> list[dict[str, int]]:
+    return [{"flag": flag, "quantity": qty, "price": price, "no of orders": orders} for qty, price, orders in levels]
 
 
 def _int64_bits(value: float) -> int:
@@ -55,10 +55,10 @@ def differences(ours: p.Packet, sdk: dict[str, Any]) -> list[str]:
             "exchange_timestamp": ours.packet_received_time,
             "packet_received_time": ours.packet_received_time,
             "depth_20_buy_data": [
-                {"quantity": lv.quantity, "price": lv.price, "num_of_orders": lv.orders} for lv in ours.bids
+                {"quantity": qty, "price": price, "num_of_orders": orders} for qty, price, orders in ours.bids
             ],
             "depth_20_sell_data": [
-                {"quantity": lv.quantity, "price": lv.price, "num_of_orders": lv.orders} for lv in ours.asks
+                {"quantity": qty, "price": price, "num_of_orders": orders} for qty, price, orders in ours.asks
             ],
         }
     else:
@@ -119,9 +119,11 @@ def test_documented_sdk_bugs_are_real(sdk_parse: SdkParser) -> None:
     """B8 and B9 on a concrete frame: the SDK's values are wrong, ours are right."""
     real_world = 4584350709158701777  # a value users saw from the SDK (spec §3.5)
     oi_pct = struct.unpack("<d", struct.pack("<q", real_world))[0]
+    bid = p.DepthLevel(quantity=5, price=80_045, orders=1)
+    ask = p.DepthLevel(quantity=5, price=80_055, orders=1)
     snap = p.SnapQuotePacket(
         3, 1, "3045", 1, 1_735_201_464_000, 80_050, 1, 80_000, 10, 1.0, 2.0, 1, 2, 1, 1,
-        1_735_201_464, 100, oi_pct, (p.DepthLevel(80_045, 5, 1),) * 5, (p.DepthLevel(80_055, 5, 1),) * 5, 1, 1, 1, 1,
+        1_735_201_464, 100, oi_pct, (bid,) * 5, (ask,) * 5, 1, 1, 1, 1,
     )  # fmt: skip
     sdk = sdk_parse(p.encode(snap))
     assert sdk["open_interest_change_percentage"] == real_world
@@ -134,7 +136,7 @@ def test_documented_sdk_bugs_are_real(sdk_parse: SdkParser) -> None:
 
 
 def _corruptions() -> list[tuple[p.Packet, str, Any]]:
-    level = p.DepthLevel(80_045, 5, 1)
+    level = p.DepthLevel(quantity=5, price=80_045, orders=1)
     snap = p.SnapQuotePacket(
         3, 1, "3045", 1, 2, 3, 4, 5, 6, 7.0, 8.0, 9, 10, 11, 12, 13, 14, 0.5,
         (level,) * 5, (level._replace(price=80_055),) * 5, 15, 16, 17, 18,

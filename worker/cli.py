@@ -33,7 +33,8 @@ def _positive(kind: type[int] | type[float]) -> argparse._ActionType:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} must be positive")
         return value

@@ -73,9 +73,15 @@ TOKEN_FIELD_SIZE = 25
 # --------------------------------------------------------------------------- packets
 
 
+#: One depth level, in wire order: (quantity, price in wire units, number of orders). Decoding
+#: yields plain tuples, sliced in C straight out of the unpacked frame (NamedTuples would cost
+#: more than the whole unpack); :class:`DepthLevel` is the same shape with names.
+Level = tuple[int, int, int]
+
+
 class DepthLevel(NamedTuple):
-    price: int  # wire units (paise; 1e-7 rupee for CDS)
     quantity: int
+    price: int  # wire units (paise; 1e-7 rupee for CDS)
     orders: int
 
 
@@ -125,8 +131,8 @@ class SnapQuotePacket(NamedTuple):
     last_traded_timestamp: int  # epoch SECONDS
     open_interest: int
     open_interest_change_pct: float
-    bids: tuple[DepthLevel, ...]  # records with flag 1, wire order (best first)
-    asks: tuple[DepthLevel, ...]  # records with flag 0
+    bids: tuple[Level, ...]  # records with flag 1, wire order (best first)
+    asks: tuple[Level, ...]  # records with flag 0
     upper_circuit: int
     lower_circuit: int
     high_52_week: int
@@ -139,8 +145,8 @@ class Depth20Packet(NamedTuple):
     token: str
     exchange_timestamp: int  # offset 27 (the SDK wrongly reads 35)
     packet_received_time: int  # offset 35
-    bids: tuple[DepthLevel, ...]  # 20 levels
-    asks: tuple[DepthLevel, ...]  # 20 levels
+    bids: tuple[Level, ...]  # 20 levels
+    asks: tuple[Level, ...]  # 20 levels
 
 
 Packet = LtpPacket | QuotePacket | SnapQuotePacket | Depth20Packet
@@ -160,89 +166,130 @@ class EncodeError(ProtocolError):
 
 # --------------------------------------------------------------------------- layouts
 
+Buffer = bytes | bytearray | memoryview
+
 _LTP = struct.Struct("<BB25sqqq")
 _QUOTE = struct.Struct("<BB25sqqq qqqdd qqqq")
-_SNAP = struct.Struct("<BB25sqqq qqqdd qqqq qqd" + "HqqH" * 10 + "qqqq")
+# SnapQuote is decoded with the 2-byte side flags skipped (pad bytes), so each best-five record
+# is three adjacent values; the flags are checked on the frame's bytes. Encoding writes them.
+_SNAP = struct.Struct("<BB25sqqq qqqdd qqqq qqd" + "xxqqH" * 10 + "qqqq")
+_SNAP_ENCODE = struct.Struct("<BB25sqqq qqqdd qqqq qqd" + "HqqH" * 10 + "qqqq")
+_SNAP_FLAGS = struct.Struct("<H" + "18xH" * 9)  # the 10 flags, from offset 147
 _DEPTH = struct.Struct("<BB25sqq" + "iih" * 40)
 
 PACKET_SIZE: dict[Mode, int] = {
     Mode.LTP: _LTP.size,
     Mode.QUOTE: _QUOTE.size,
-    Mode.SNAP_QUOTE: _SNAP.size,
+    Mode.SNAP_QUOTE: _SNAP_ENCODE.size,
     Mode.DEPTH_20: _DEPTH.size,
 }
 _NAMES = {Mode.LTP: "LTP", Mode.QUOTE: "Quote", Mode.SNAP_QUOTE: "SnapQuote", Mode.DEPTH_20: "Depth-20"}
 
 _SNAP_DEPTH_START = 18  # index of the first best-five value in _SNAP's tuple
-_SNAP_LIMITS_START = _SNAP_DEPTH_START + 40
+_SNAP_LIMITS_START = _SNAP_DEPTH_START + 30
+_DEPTH_OFFSET = 147
+_BIDS_FIRST_LOW = bytes([1] * 5 + [0] * 5)  # low bytes of the flags when 5 bids precede 5 asks
+_ZERO_HIGH = bytes(10)
+
+# Hot path: NamedTuple constructors are Python functions; tuple.__new__ builds the same value in C.
+_new = tuple.__new__
+
+_TOKEN_CACHE: dict[bytes, str] = {}
+_TOKEN_CACHE_LIMIT = 20_000  # > 3 connections × 1000 tokens; garbage cannot grow it past this
 
 
 def _token(raw: bytes) -> str:
-    token = raw.partition(b"\0")[0]
-    if not token:
+    """The token of a 25-byte field (callers try ``_TOKEN_CACHE`` first)."""
+    head = raw.partition(b"\0")[0]
+    if not head:
         raise DecodeError("packet has an empty token field (bytes 2-26): corrupted frame")
     try:
-        return token.decode("ascii")
+        token = head.decode("ascii")
     except UnicodeDecodeError:
-        raise DecodeError(f"packet token {token!r} is not ASCII: corrupted frame") from None
+        raise DecodeError(f"packet token {head!r} is not ASCII: corrupted frame") from None
+    if len(_TOKEN_CACHE) < _TOKEN_CACHE_LIMIT:
+        _TOKEN_CACHE[raw] = token
+    return token
 
 
-def _decode_ltp(frame: bytes) -> LtpPacket:
+def _decode_ltp(frame: Buffer) -> LtpPacket:
     v = _LTP.unpack(frame)
-    return LtpPacket(v[0], v[1], _token(v[2]), v[3], v[4], v[5])
+    packet: LtpPacket = _new(LtpPacket, (v[0], v[1], _TOKEN_CACHE.get(v[2]) or _token(v[2]), v[3], v[4], v[5]))
+    return packet
 
 
-def _decode_quote(frame: bytes) -> QuotePacket:
+def _decode_quote(frame: Buffer) -> QuotePacket:
     v = _QUOTE.unpack(frame)
-    return QuotePacket._make((v[0], v[1], _token(v[2]), *v[3:]))
+    packet: QuotePacket = _new(QuotePacket, (v[0], v[1], _TOKEN_CACHE.get(v[2]) or _token(v[2]), *v[3:]))
+    return packet
 
 
-def _decode_snap(frame: bytes) -> SnapQuotePacket:
+def _decode_snap(frame: Buffer) -> SnapQuotePacket:
     v = _SNAP.unpack(frame)
-    bids: list[DepthLevel] = []
-    asks: list[DepthLevel] = []
-    for i in range(_SNAP_DEPTH_START, _SNAP_LIMITS_START, 4):
-        # flag 1 = bid, 0 = ask (§3.5); like the SDK, any non-zero flag counts as a bid
-        (bids if v[i] else asks).append(DepthLevel(v[i + 2], v[i + 1], v[i + 3]))
-    return SnapQuotePacket._make(
-        (v[0], v[1], _token(v[2]), *v[3:_SNAP_DEPTH_START], tuple(bids), tuple(asks), *v[_SNAP_LIMITS_START:])
+    bids: tuple[Level, ...]
+    asks: tuple[Level, ...]
+    if frame[147:347:20] == _BIDS_FIRST_LOW and frame[148:348:20] == _ZERO_HIGH:  # what Angel sends
+        bids = (v[18:21], v[21:24], v[24:27], v[27:30], v[30:33])
+        asks = (v[33:36], v[36:39], v[39:42], v[42:45], v[45:48])
+    else:  # flag 1 = bid, 0 = ask (§3.5); like the SDK, any non-zero flag counts as a bid
+        flags = _SNAP_FLAGS.unpack_from(frame, _DEPTH_OFFSET)
+        levels = [v[i : i + 3] for i in range(_SNAP_DEPTH_START, _SNAP_LIMITS_START, 3)]
+        bids = tuple(level for flag, level in zip(flags, levels, strict=True) if flag)
+        asks = tuple(level for flag, level in zip(flags, levels, strict=True) if not flag)
+    packet: SnapQuotePacket = _new(
+        SnapQuotePacket,
+        (
+            v[0],
+            v[1],
+            _TOKEN_CACHE.get(v[2]) or _token(v[2]),
+            *v[3:_SNAP_DEPTH_START],
+            bids,
+            asks,
+            *v[_SNAP_LIMITS_START:],
+        ),
     )
+    return packet
 
 
-def _decode_depth(frame: bytes) -> Depth20Packet:
+def _decode_depth(frame: Buffer) -> Depth20Packet:
     v = _DEPTH.unpack(frame)
-    levels = [DepthLevel(v[i + 1], v[i], v[i + 2]) for i in range(5, 125, 3)]
-    return Depth20Packet(v[0], v[1], _token(v[2]), v[3], v[4], tuple(levels[:20]), tuple(levels[20:]))
+    records = iter(v[5:])
+    levels = tuple(zip(records, records, records, strict=False))  # (quantity, price, orders) × 40
+    packet: Depth20Packet = _new(
+        Depth20Packet, (v[0], v[1], _TOKEN_CACHE.get(v[2]) or _token(v[2]), v[3], v[4], levels[:20], levels[20:])
+    )
+    return packet
 
 
-_DECODERS: dict[int, tuple[int, Callable[[bytes], Packet]]] = {
-    Mode.LTP: (_LTP.size, _decode_ltp),
-    Mode.QUOTE: (_QUOTE.size, _decode_quote),
-    Mode.SNAP_QUOTE: (_SNAP.size, _decode_snap),
-    Mode.DEPTH_20: (_DEPTH.size, _decode_depth),
-}
-
-
-Buffer = bytes | bytearray | memoryview
+# Byte 0 → (expected length, decoder); None for an unknown mode.
+_TABLE: list[tuple[int, Callable[[Buffer], Packet]] | None] = [None] * 256
+_TABLE[Mode.LTP] = (_LTP.size, _decode_ltp)
+_TABLE[Mode.QUOTE] = (_QUOTE.size, _decode_quote)
+_TABLE[Mode.SNAP_QUOTE] = (_SNAP.size, _decode_snap)
+_TABLE[Mode.DEPTH_20] = (_DEPTH.size, _decode_depth)
 
 
 def decode(frame: Buffer) -> Packet:
     """Decode one binary WebSocket frame. Raises :class:`DecodeError` and nothing else."""
-    size = len(frame)
-    if not size:
-        raise DecodeError("empty binary frame: expected a 51, 123, 379 or 443-byte SmartStream packet")
-    entry = _DECODERS.get(frame[0])
-    if entry is None:
-        raise DecodeError(
-            f"unknown subscription mode {frame[0]} in byte 0 of a {size}-byte frame: "
+    try:
+        entry = _TABLE[frame[0]]
+    except IndexError:
+        raise DecodeError("empty binary frame: expected a 51, 123, 379 or 443-byte SmartStream packet") from None
+    if entry is None or len(frame) != entry[0]:
+        raise _shape_error(frame)
+    return entry[1](frame)
+
+
+def _shape_error(frame: Buffer) -> DecodeError:
+    if frame[0] not in _NAMES:
+        return DecodeError(
+            f"unknown subscription mode {frame[0]} in byte 0 of a {len(frame)}-byte frame: "
             "expected 1 (LTP), 2 (Quote), 3 (SnapQuote) or 4 (Depth-20)"
         )
-    expected, decoder = entry
-    if size != expected:
-        raise DecodeError(
-            f"{_NAMES[Mode(frame[0])]} packet must be {expected} bytes, got {size}: truncated or corrupted frame"
-        )
-    return decoder(bytes(frame))
+    mode = Mode(frame[0])
+    return DecodeError(
+        f"{_NAMES[mode]} packet must be {PACKET_SIZE[mode]} bytes, got {len(frame)}: truncated or corrupted frame"
+    )
 
 
 # --------------------------------------------------------------------------- encoding
@@ -279,9 +326,9 @@ def encode(packet: Packet) -> bytes:
         depth: list[int] = []
         for flag, side in ((1, packet.bids), (0, packet.asks)):
             for level in side:
-                depth += (flag, level.quantity, level.price, level.orders)
+                depth += (flag, *level)
         return _pack(
-            _SNAP,
+            _SNAP_ENCODE,
             (
                 packet[0], packet[1], token, *packet[3:_SNAP_DEPTH_START],
                 *depth, *packet[_SNAP_DEPTH_START + 2:],
@@ -289,7 +336,7 @@ def encode(packet: Packet) -> bytes:
         )  # fmt: skip
     if len(packet.bids) != 20 or len(packet.asks) != 20:
         raise EncodeError(f"Depth-20 needs 20 bids and 20 asks, got {len(packet.bids)} and {len(packet.asks)}")
-    records = [v for level in (*packet.bids, *packet.asks) for v in (level.quantity, level.price, level.orders)]
+    records = [value for level in (*packet.bids, *packet.asks) for value in level]
     head = (packet.mode, packet.exchange_type, token, packet.exchange_timestamp, packet.packet_received_time)
     return _pack(_DEPTH, (*head, *records))
 

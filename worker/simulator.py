@@ -156,9 +156,9 @@ class Market:
         rng = self.rng
         return tuple(
             p.DepthLevel(
-                min(cap, max(self.tick, self.ltp + side * k * self.tick)),
-                self.inst.lot_size * rng.randint(1, 200),
-                rng.randint(1, 40),
+                quantity=self.inst.lot_size * rng.randint(1, 200),
+                price=min(cap, max(self.tick, self.ltp + side * k * self.tick)),
+                orders=rng.randint(1, 40),
             )
             for k in range(1, count + 1)
         )
@@ -172,7 +172,7 @@ class SimConnection:
     id: int
     client_code: str
     ws: web.WebSocketResponse
-    transport: asyncio.Transport | None
+    transport: asyncio.Transport
     subscriptions: dict[tuple[int, int, str], None] = field(default_factory=dict)  # (mode, exch, token)
 
 
@@ -341,13 +341,14 @@ class Simulator:
             return web.Response(status=401, text=reason, headers={"x-error-message": reason})
         ws = web.WebSocketResponse(autoping=False)
         await ws.prepare(request)
+        transport = request.transport
+        assert transport is not None, "aiohttp gives a prepared request its transport"
         if sum(c.client_code == client_code for c in self.connections) >= self.config.max_connections:
             # Angel closes the extra connection; users see a TCP reset (spec §1.2).
-            assert request.transport is not None
-            request.transport.abort()
+            transport.abort()
             return ws
         self._next_id += 1
-        conn = SimConnection(self._next_id, client_code, ws, request.transport)
+        conn = SimConnection(self._next_id, client_code, ws, transport)
         self.connections.append(conn)
         try:
             async for msg in ws:
@@ -409,8 +410,7 @@ class Simulator:
     def drop_connections(self) -> None:
         """Drop every stream connection's TCP link without a close frame."""
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.transport.abort()
 
     def set_silent(self, silent: bool) -> None:
         """Silent: no data, no pong (text or control), TCP kept open."""

@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each creates .venv/ with Python alone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo sim lint bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "angelstream needs Python 3.11 or newer (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## test: lint, types, and the whole suite with 100 % line + branch coverage of worker/ and consumers/
+test: lint
+	@rm -f .coverage .coverage.*
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	@$(BIN)/coverage combine -q
+	$(BIN)/coverage report
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker consumers bench tests
+	$(BIN)/ruff format --check worker consumers bench tests
+	$(BIN)/mypy
+
+## demo: the simulator, streaming on http://127.0.0.1:8700 until Ctrl-C
+demo: $(STAMP)
+	$(BIN)/angelstream sim
+
+sim: demo
+
+## bench: decode speed, our codec against the SDK's parser
+bench: $(STAMP)
+	$(BIN)/python -m bench.decode
+
+clean:
+	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache .hypothesis *.egg-info

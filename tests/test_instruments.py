@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from worker.instruments import (
+    Instrument,
+    InstrumentError,
+    InstrumentIndex,
+    bundled_master_path,
+    dump_master,
+    generate_master,
+    load_master_file,
+    parse_master,
+)
+
+SBIN_ROW = {
+    "token": "3045", "symbol": "SBIN-EQ", "name": "SBIN", "expiry": "", "strike": "-1.000000",
+    "lotsize": "1", "instrumenttype": "", "exch_seg": "NSE", "tick_size": "5.000000",
+}  # fmt: skip
+
+
+def test_parse_a_master_row_and_write_it_back() -> None:
+    [sbin] = parse_master(json.dumps([SBIN_ROW]))
+    assert sbin == Instrument("3045", "SBIN-EQ", "NSE", 1, "SBIN", "", "", "-1.000000", 1, Decimal(5))
+    assert sbin.key == "NSE:SBIN-EQ"
+    assert json.loads(dump_master([sbin])) == [SBIN_ROW]
+
+
+def test_rows_of_segments_smartstream_does_not_serve_are_skipped() -> None:
+    rows = [SBIN_ROW, SBIN_ROW | {"exch_seg": "NCO", "token": "1"}]
+    assert [i.token for i in parse_master(json.dumps(rows))] == ["3045"]
+
+
+def test_optional_fields_default() -> None:
+    [inst] = parse_master(json.dumps([{"token": "1", "symbol": "X", "exch_seg": "CDS"}]))
+    assert (inst.exchange_type, inst.lot_size, inst.tick_size, inst.to_row()["strike"]) == (
+        13,
+        1,
+        Decimal(1),
+        "-1.000000",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("{", "not JSON"),
+        ("{}", "JSON array"),
+        ("[1]", "row 0 is not an object"),
+        ('[{"token": "1", "symbol": "X"}]', "row 0 has no 'exch_seg'"),
+        ('[{"token": "", "symbol": "X", "exch_seg": "NSE"}]', "row 0 has no 'token'"),
+        ('[{"token": "1", "symbol": "X", "exch_seg": "NSE", "lotsize": "a"}]', r"row 0 \(X\) has a bad lotsize"),
+    ],
+)
+def test_bad_masters_name_the_problem(raw: str, message: str) -> None:
+    with pytest.raises(InstrumentError, match=message):
+        parse_master(raw)
+
+
+def test_the_bundled_master_covers_every_segment_and_indices() -> None:
+    instruments = load_master_file(bundled_master_path())
+    assert {"NSE", "NFO", "BSE", "MCX", "CDS"} <= {i.exchange for i in instruments}
+    assert {"Nifty 50", "Nifty Bank", "SENSEX"} <= {i.symbol for i in instruments if i.instrument_type == "AMXIDX"}
+    assert len(instruments) >= 30
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InstrumentError, match=r"cannot read instrument master .*nope\.json"):
+        load_master_file(tmp_path / "nope.json")
+
+
+def test_index_both_ways() -> None:
+    index = InstrumentIndex(generate_master(100))
+    assert len(index) == 100
+    inst = index.get("NSE:SYM00042-EQ")
+    assert inst is not None
+    assert index.by_wire(1, inst.token) is inst
+    assert index.get("NSE:NOPE") is None
+    assert [i.symbol for i in index][:2] == ["SYM00000-EQ", "SYM00001-EQ"]
+    assert generate_master(5, seed=2) == generate_master(5, seed=2)
