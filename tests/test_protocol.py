@@ -82,7 +82,7 @@ def test_token_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(p, "_TOKEN_CACHE", {})
     monkeypatch.setattr(p, "_TOKEN_CACHE_LIMIT", 1)
     assert [p.decode(p.encode(p.LtpPacket(1, 1, t, 1, 2, 3))).token for t in ("1", "2", "1")] == ["1", "2", "1"]
-    assert p._TOKEN_CACHE == {b"1" + bytes(24): "1"}
+    assert {b"1" + bytes(24): "1"} == p._TOKEN_CACHE
 
 
 def test_decode_accepts_bytearray_and_memoryview() -> None:
