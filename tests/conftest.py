@@ -6,7 +6,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
-from tests.redis_server import RedisServer
+from worker.localredis import LocalRedis
 from worker.simulator import SimConfig, SimulatorThread
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -15,13 +15,13 @@ settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
+def redis_server() -> Iterator[LocalRedis]:
+    with LocalRedis() as server:
         yield server
 
 
 @pytest.fixture
-def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+def redis_client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     yield client

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.redis_server import free_port
 from tests.simclient import sim_login
 from worker import angel
+from worker.localredis import free_port
 from worker.simulator import SimulatorThread
 
 
