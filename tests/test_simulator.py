@@ -249,6 +249,7 @@ def test_market_fields_are_realistic() -> None:
     future = Market(by_symbol["NIFTY29DEC26FUT"], seed=1).packet(p.Mode.SNAP_QUOTE)
     assert isinstance(future, p.SnapQuotePacket)
     assert future.open_interest > 0
+    assert sbin.packet(p.Mode.QUOTE) is sbin.packet(p.Mode.QUOTE)  # a snapshot repeats the last packet
     same_seed = [Market(by_symbol["SBIN-EQ"], seed=1).packet(1)._replace(exchange_timestamp=0) for _ in range(2)]
     assert same_seed[0] == same_seed[1]  # prices are deterministic; only the clock differs
 

@@ -94,6 +94,7 @@ class Market:
         self.volume = self.turnover = self.ltq = 0
         self.oi = self.oi_open = self.rng.randint(1, 500) * inst.lot_size * 100 if self.is_derivative else 0
         self.exch_ts = 0
+        self._packets: dict[int, p.Packet] = {}  # per mode, until the next step
         self.step()
 
     def _price_band(self) -> tuple[float, float]:
@@ -121,8 +122,16 @@ class Market:
         if self.is_derivative:
             self.oi = max(0, self.oi + self.inst.lot_size * rng.randint(-5, 5))
         self.exch_ts = max(self.exch_ts, int(time.time() * 1000))
+        self._packets.clear()
 
     def packet(self, mode: int) -> p.Packet:
+        """The current state in ``mode``; the same packet until the next step (so a snapshot repeats it)."""
+        packet = self._packets.get(mode)
+        if packet is None:
+            packet = self._packets[mode] = self._build(mode)
+        return packet
+
+    def _build(self, mode: int) -> p.Packet:
         atp = self.turnover // self.volume if self.volume else 0
         head = (mode, self.inst.exchange_type, self.inst.token)
         if mode == p.Mode.LTP:
