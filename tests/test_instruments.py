@@ -82,3 +82,14 @@ def test_index_both_ways() -> None:
     assert index.get("NSE:NOPE") is None
     assert [i.symbol for i in index][:2] == ["SYM00000-EQ", "SYM00001-EQ"]
     assert generate_master(5, seed=2) == generate_master(5, seed=2)
+
+
+def test_resolve_exact_or_ignoring_case_and_suggest_close_matches() -> None:
+    index = InstrumentIndex(load_master_file(bundled_master_path()))
+    assert index.resolve("NSE:SBIN-EQ") is index.by_key["NSE:SBIN-EQ"]
+    assert index.resolve(" nse:sbin-eq ") is index.by_key["NSE:SBIN-EQ"]
+    assert index.resolve("NSE:NOSUCH-EQ") is None
+    assert index.suggest("NSE:SBI-EQ")[0] == "NSE:SBIN-EQ"
+    assert "NSE:INFY-EQ" in index.suggest("NSE:INFI-EQ")
+    assert index.suggest("BOM:SBIN-EQ")[0] in ("NSE:SBIN-EQ", "BSE:SBIN")  # no such exchange: any exchange
+    assert index.suggest("NSE:ZZZZZZ") == []

@@ -7,6 +7,7 @@ on the wire by ``(exchangeType, token)``.
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from collections.abc import Iterable, Iterator, Mapping
@@ -121,9 +122,11 @@ class InstrumentIndex:
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         self.by_key: dict[str, Instrument] = {}
         self.by_token: dict[tuple[int, str], Instrument] = {}
+        self.by_folded: dict[str, Instrument] = {}
         for inst in instruments:
             self.by_key[inst.key] = inst
             self.by_token[(inst.exchange_type, inst.token)] = inst
+            self.by_folded.setdefault(inst.key.casefold(), inst)
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -136,6 +139,19 @@ class InstrumentIndex:
 
     def by_wire(self, exchange_type: int, token: str) -> Instrument | None:
         return self.by_token.get((exchange_type, token))
+
+    def resolve(self, key: str) -> Instrument | None:
+        """``EXCHANGE:SYMBOL`` exactly as the master spells it, else ignoring case."""
+        return self.by_key.get(key) or self.by_folded.get(key.strip().casefold())
+
+    def suggest(self, key: str, count: int = 3) -> list[str]:
+        """Close matches for a key that is not in the master (same exchange first)."""
+        exchange, _, symbol = key.strip().casefold().partition(":")
+        initial = symbol[:1]
+        same = [k for k in self.by_folded if k.startswith(f"{exchange}:{initial}")]
+        pool = same or [k for k in self.by_folded if k.partition(":")[2].startswith(initial)]
+        matches = difflib.get_close_matches(key.strip().casefold(), pool, n=count, cutoff=0.6)
+        return [self.by_folded[m].key for m in matches]
 
 
 def generate_master(count: int, seed: int = 1) -> list[Instrument]:
