@@ -1,0 +1,130 @@
+"""Every setting of the worker, from the environment and an optional ``.env`` (pydantic-settings).
+
+Nothing else reads the environment. Secrets are ``SecretStr``: they print as ``**********``.
+A missing or invalid setting is reported by :func:`load` as one line naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import time
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+ANGEL_API_URL = "https://apiconnect.angelone.in"
+ANGEL_WS_URL = "wss://smartapisocket.angelone.in/smart-stream"
+ANGEL_INSTRUMENTS_URL = "https://margincalculator.angelbroking.com/OpenAPI_File/files/OpenAPIScripMaster.json"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message is one line naming it."""
+
+
+class RedisSettings(BaseSettings):
+    """Only what a reader of the streams needs (no Angel credentials)."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
+
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis to read from")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
+
+    # --- Redis
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis to write to (redis://, rediss:// for TLS)")
+    stream_maxlen: PositiveInt = Field(10_000, description="entries kept per tick stream (MAXLEN ~)")
+    events_maxlen: PositiveInt = Field(10_000, description="entries kept in angelstream:events (MAXLEN ~)")
+
+    # --- Angel One account
+    angel_api_key: SecretStr = Field(min_length=1, description="SmartAPI app key")
+    angel_client_code: str = Field(min_length=1, description="Angel One client code, e.g. A123456")
+    angel_pin: SecretStr = Field(min_length=1, description="the account PIN (MPIN) used to log in")
+    angel_totp_secret: SecretStr = Field(min_length=1, description="base32 TOTP secret of the account")
+    angel_api_url: str = Field(ANGEL_API_URL, description="REST root for login")
+    angel_ws_url: str = Field(ANGEL_WS_URL, description="SmartStream WebSocket URL")
+    angel_instruments_url: str = Field(ANGEL_INSTRUMENTS_URL, description="instrument master: https URL or file path")
+    angel_relogin_time: time = Field(
+        time(8, 0), description="daily fresh login, Asia/Kolkata wall time (HH:MM), before the market opens"
+    )
+
+    # --- Feed connection
+    heartbeat_interval: PositiveFloat = Field(10.0, description="seconds between text pings")
+    stall_timeout: PositiveFloat = Field(30.0, description="seconds without any frame before reconnecting")
+    reconnect_initial: PositiveFloat = Field(0.5, description="first reconnect delay, seconds (then doubles)")
+    reconnect_max: PositiveFloat = Field(30.0, description="cap of the reconnect delay, seconds")
+    reconnect_jitter: float = Field(1.0, ge=0, description="random seconds added to each reconnect delay")
+    healthy_after: PositiveFloat = Field(
+        10.0, description="a connection up this long resets the reconnect delay (shorter ones count as failures)"
+    )
+    connect_timeout: PositiveFloat = Field(10.0, description="seconds for login and the WebSocket upgrade")
+
+    # --- Writer
+    buffer_max: PositiveInt = Field(200_000, description="ticks buffered while Redis is slow or down")
+    batch_max: PositiveInt = Field(200, description="XADDs per pipeline")
+    batch_linger_ms: float = Field(0.0, ge=0, le=100, description="wait this long for a batch to fill")
+    redis_retry_max: PositiveFloat = Field(5.0, description="cap of the delay between Redis write retries, seconds")
+    shutdown_timeout: PositiveFloat = Field(4.0, description="seconds to flush on SIGTERM before exiting")
+
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("angel_api_url")
+    @classmethod
+    def _http_scheme(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s):// URL")
+        return value.rstrip("/")
+
+    @field_validator("angel_ws_url")
+    @classmethod
+    def _ws_scheme(cls, value: str) -> str:
+        if not value.startswith(("wss://", "ws://")):
+            raise ValueError("must be a wss:// (or ws:// for the local simulator) URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration, secrets masked (safe to print or log)."""
+        return {name: ("**********" if isinstance(v, SecretStr) else v) for name, v in self}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    name = str(error["loc"][0]).upper() if error["loc"] else "settings"
+    if error["type"] == "missing":
+        return f"{name} is required: set it in the environment or in .env (see .env.example)"
+    message = re.sub(r"^Value error, ", "", str(error["msg"]))
+    return f"{name} is invalid: {message} (got {error.get('input')!r})"
+
+
+def load(**overrides: Any) -> Settings:
+    """Settings from the environment and ``.env``; ``overrides`` win (tests, demo)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+    # Raised outside the handler, so the error carries no context holding the rejected (secret) input.
+    secret = str(first["loc"][0] if first["loc"] else "") in _SECRET_FIELDS
+    if secret:
+        first = {**first, "input": "**********"}
+    raise SettingsError(_describe(dict(first)))
+
+
+_SECRET_FIELDS = {name for name, f in Settings.model_fields.items() if f.annotation is SecretStr}
