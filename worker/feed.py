@@ -1,0 +1,356 @@
+"""One SmartStream connection's whole life. Knows nothing about Redis.
+
+* connects with the four auth headers (TLS verified for wss://);
+* after every (re)connect, sends its full subscription set, ≤ 1000 tokens per request, grouped
+  by (mode, exchangeType); changes while connected go out as incremental diffs;
+* sends a text ``ping`` every ``heartbeat_interval``; reads every text frame (``pong``, ``E100x``);
+* a stall watchdog: no frame at all (data or pong) for ``stall_timeout`` → close and reconnect;
+* reconnects with tenacity (exponential backoff with jitter, capped, forever): the one and only
+  retry owner. A connection that lived ``healthy_after`` seconds resets the backoff; shorter ones
+  count as failures, so a flapping link cannot cause a reconnect storm. An upgrade refused with 401
+  asks for a fresh login before the next attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from worker import protocol as p
+
+log = logging.getLogger(__name__)
+
+Pair = tuple[int, int, str]  # (mode, exchange type, token)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    jwt_token: str
+    api_key: str
+    client_code: str
+    feed_token: str
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "Authorization": self.jwt_token,
+            "x-api-key": self.api_key,
+            "x-client-code": self.client_code,
+            "x-feed-token": self.feed_token,
+        }
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    url: str
+    heartbeat_interval: float = 10.0
+    stall_timeout: float = 30.0
+    reconnect_initial: float = 0.5
+    reconnect_max: float = 30.0
+    reconnect_jitter: float = 1.0
+    healthy_after: float = 10.0
+    connect_timeout: float = 10.0
+
+
+class FeedError(Exception):
+    """The connection could not be made or was lost; ``str()`` is the cause."""
+
+
+class _Closing(Exception):
+    pass
+
+
+#: credentials(fresh): a login; ``fresh=True`` after a 401 or for the daily re-login.
+CredentialsProvider = Callable[[bool], Awaitable[Credentials]]
+FrameHandler = Callable[[bytes, int], None]  # (frame, receive time in epoch µs)
+EventHandler = Callable[..., None]  # (kind, **fields)
+
+
+class FeedConnection:
+    def __init__(
+        self,
+        name: str,
+        config: FeedConfig,
+        credentials: CredentialsProvider,
+        on_frame: FrameHandler,
+        on_event: EventHandler,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._credentials = credentials
+        self._on_frame = on_frame
+        self._on_event = on_event
+        self.desired: dict[Pair, None] = {}
+        self.state = "idle"  # idle, connecting, connected, backoff, closed
+        self.connects = 0
+        self.reconnects = 0
+        self.last_frame_at = 0.0  # time.time() of the last frame of any kind
+        self.last_error = ""
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._fresh_login = False
+        self._closing = False
+        self._restart_cause = ""
+        self._lock = asyncio.Lock()  # orders subscription requests against (re)subscribe
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def update(self, add: Iterable[Pair] = (), remove: Iterable[Pair] = ()) -> None:
+        """Change the subscription set; a connected socket gets only the difference."""
+        removed = [pair for pair in remove if pair in self.desired]
+        added = [pair for pair in add if pair not in self.desired]
+        for pair in removed:
+            del self.desired[pair]
+        for pair in added:
+            self.desired[pair] = None
+        async with self._lock:
+            ws = self._ws
+            if ws is None or ws.closed:
+                return  # sent with the whole set at the next connect
+            with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                for request in p.build_requests(p.Action.UNSUBSCRIBE, removed, "unsub"):
+                    await ws.send_str(request.to_json())
+                for request in p.build_requests(p.Action.SUBSCRIBE, added, "sub"):
+                    await ws.send_str(request.to_json())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Hold the connection until :meth:`close`."""
+        while not self._closing:
+            retrying = AsyncRetrying(
+                wait=wait_exponential_jitter(
+                    multiplier=self.config.reconnect_initial,
+                    max=self.config.reconnect_max,
+                    jitter=self.config.reconnect_jitter,
+                ),
+                retry=retry_if_exception_type(FeedError),
+                before_sleep=self._before_sleep,
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._session(session)
+            except _Closing:
+                break
+        self.state = "closed"
+
+    async def restart(self, cause: str) -> None:
+        """Close the socket now; it reconnects at once (e.g. after the daily re-login)."""
+        self._restart_cause = cause
+        ws = self._ws
+        if ws is not None:
+            await ws.close(code=1000, message=cause.encode()[:120])
+
+    async def close(self) -> None:
+        """Stop for good: a close frame, no reconnect."""
+        self._closing = True
+        ws = self._ws
+        if ws is not None:
+            await ws.close(code=1000, message=b"angelstream shutting down")
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.state = "backoff"
+        self.reconnects += 1
+        delay = state.upcoming_sleep
+        error = state.outcome.exception() if state.outcome else None
+        self.last_error = str(error)
+        log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", self.name, error, delay, state.attempt_number)
+        self._on_event(
+            "feed_reconnecting", connection=self.name, cause=str(error), delay=round(delay, 3),
+            attempt=state.attempt_number,
+        )  # fmt: skip
+
+    async def _session(self, session: aiohttp.ClientSession) -> None:
+        if self._closing:
+            raise _Closing
+        self.state = "connecting"
+        fresh, self._fresh_login = self._fresh_login, False
+        try:
+            credentials = await self._credentials(fresh)
+        except Exception as exc:
+            raise FeedError(f"login failed: {exc}") from None
+        try:
+            ws = await session.ws_connect(
+                self.config.url,
+                headers=credentials.headers(),
+                autoping=True,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0),
+                max_msg_size=1 << 20,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            reason = exc.headers.get("x-error-message", exc.message) if exc.headers else exc.message
+            if exc.status == 401:
+                self._fresh_login = True
+            raise FeedError(f"upgrade refused with HTTP {exc.status}: {reason}") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise FeedError(f"cannot connect to {self.config.url}: {type(exc).__name__} {exc}".rstrip()) from None
+        started = time.monotonic()
+        self.connects += 1
+        self.state = "connected"
+        self.last_frame_at = time.time()
+        log.info("%s: connected to %s; subscribing %d tokens", self.name, self.config.url, len(self.desired))
+        self._on_event("feed_connected", connection=self.name, tokens=len(self.desired))
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(ws))
+        try:
+            async with self._lock:
+                self._ws = ws
+                for request in p.build_requests(p.Action.SUBSCRIBE, self.desired, "resub"):
+                    await ws.send_str(request.to_json())
+            cause = await self._read(ws)
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            cause = f"connection error: {type(exc).__name__}"
+        finally:
+            self._ws = None
+            heartbeat.cancel()
+            await ws.close()
+        if self._closing:
+            raise _Closing
+        cause = self._restart_cause or cause
+        self._restart_cause = ""
+        self._on_event("feed_disconnected", connection=self.name, cause=cause)
+        if time.monotonic() - started < self.config.healthy_after:
+            raise FeedError(cause)
+        log.warning("%s: %s; reconnecting", self.name, cause)
+
+    async def _heartbeat(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+            while True:
+                await asyncio.sleep(self.config.heartbeat_interval)
+                await ws.send_str(p.PING)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+        """Hand every frame on until the connection ends; returns why it ended."""
+        stall = self.config.stall_timeout
+        on_frame = self._on_frame
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            left = last + stall - loop.time()
+            try:  # (aiohttp reads a timeout of 0 as "none": never pass it)
+                msg = await ws.receive(timeout=max(left, 0.001))
+            except TimeoutError:
+                return f"stalled: no frame for {stall:g} s"
+            last = loop.time()
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                now_us = time.time_ns() // 1000
+                self.last_frame_at = now_us / 1e6
+                on_frame(msg.data, now_us)
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                self.last_frame_at = time.time()
+                self._on_text(msg.data)
+            elif msg.type == aiohttp.WSMsgType.CLOSE:
+                return f"closed by the server (code {msg.data}{': ' + msg.extra if msg.extra else ''})"
+            else:  # CLOSING, CLOSED, ERROR: the link is gone
+                return f"connection lost ({msg.type.name.lower()}{': ' + str(msg.data) if msg.data else ''})"
+
+    def _on_text(self, text: str) -> None:
+        message = p.parse_text(text)
+        if isinstance(message, p.ServerError):
+            log.warning("%s: server error %s %s (%s)", self.name, message.code, message.message, message.correlation_id)
+            self._on_event(
+                "feed_server_error", connection=self.name, code=message.code, message=message.message,
+                correlation_id=message.correlation_id,
+            )  # fmt: skip
+        elif isinstance(message, p.UnknownText):
+            self._on_event("feed_unknown_text", connection=self.name, text=message.text[:200])
+
+
+class Feed:
+    """All connections of one client code: places each token on a connection with room.
+
+    At most ``max_connections`` sockets (Angel allows 3 per client code) of at most ``max_tokens``
+    tokens (Angel's 1000). Connections are opened as the set grows; a token never moves between
+    connections while it stays subscribed, and what does not fit is refused, never sent.
+    """
+
+    def __init__(
+        self,
+        config: FeedConfig,
+        credentials: CredentialsProvider,
+        on_frame: FrameHandler,
+        on_event: EventHandler,
+        max_connections: int = 3,
+        max_tokens: int = p.MAX_TOKENS_PER_CONNECTION,
+    ) -> None:
+        self.config = config
+        self.max_connections = max_connections
+        self.max_tokens = max_tokens
+        self._credentials = credentials
+        self._on_frame = on_frame
+        self._on_event = on_event
+        self.connections: list[FeedConnection] = []
+        self.placement: dict[tuple[int, str], tuple[FeedConnection, int]] = {}  # (exch, token) → (conn, mode)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.max_connections * self.max_tokens
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        for conn in self.connections:
+            self._spawn(conn)
+
+    def _spawn(self, conn: FeedConnection) -> None:
+        if self._session is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(conn.run(self._session)))
+
+    async def apply(self, want: dict[tuple[int, str], int]) -> list[tuple[int, str]]:
+        """Make the subscriptions equal ``want`` ((exch, token) → mode) by diffs; returns what did not fit."""
+        changes: dict[FeedConnection, tuple[list[Pair], list[Pair]]] = {}
+
+        def change(conn: FeedConnection) -> tuple[list[Pair], list[Pair]]:
+            return changes.setdefault(conn, ([], []))
+
+        for wire, (conn, mode) in list(self.placement.items()):
+            if want.get(wire) != mode:
+                change(conn)[1].append((mode, *wire))
+                del self.placement[wire]
+                if wire in want:  # a mode change: same connection, new mode
+                    change(conn)[0].append((want[wire], *wire))
+                    self.placement[wire] = (conn, want[wire])
+        load = {conn: len(conn.desired) - len(change(conn)[1]) + len(change(conn)[0]) for conn in self.connections}
+        rejected: list[tuple[int, str]] = []
+        for wire, mode in want.items():
+            if wire in self.placement:
+                continue
+            room = next((c for c in self.connections if load[c] < self.max_tokens), None)
+            if room is None and len(self.connections) < self.max_connections:
+                room = FeedConnection(
+                    f"feed-{len(self.connections) + 1}", self.config, self._credentials, self._on_frame, self._on_event
+                )
+                self.connections.append(room)
+                load[room] = 0
+                self._spawn(room)
+            if room is None:
+                rejected.append(wire)
+                continue
+            load[room] += 1
+            change(room)[0].append((mode, *wire))
+            self.placement[wire] = (room, mode)
+        for conn, (add, remove) in changes.items():
+            if add or remove:
+                await conn.update(add=add, remove=remove)
+        return rejected
+
+    async def restart(self, cause: str) -> None:
+        for conn in self.connections:
+            await conn.restart(cause)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close frames on every socket; a connection waiting to reconnect is cancelled."""
+        for conn in self.connections:
+            await conn.close()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
