@@ -7,6 +7,7 @@ persists nothing. The binary is ``redis-server`` from ``PATH``, else the real Re
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -64,17 +65,15 @@ class LocalRedis:
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         try:
-            while True:
-                try:
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+                with contextlib.suppress(redis.ConnectionError):  # not listening yet
                     client.ping()
                     return self
-                except redis.ConnectionError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        self.stop()
-                        raise LocalRedisError(f"{self.binary} did not start on port {self.port}") from None
-                    time.sleep(0.02)
         finally:
             client.close()
+        self.stop()
+        raise LocalRedisError(f"{self.binary} did not start on port {self.port}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
