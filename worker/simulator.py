@@ -192,6 +192,7 @@ class Sent:
     connection: int
     packet: p.Packet
     snapshot: bool  # True: the current state re-sent on subscribe, not a new event
+    at: float  # time.monotonic() when it was handed to the socket
 
 
 class Simulator:
@@ -224,6 +225,19 @@ class Simulator:
     @property
     def ws_url(self) -> str:
         return f"ws://{self.config.host}:{self.port}{STREAM_PATH}"
+
+    def worker_env(self) -> dict[str, str]:
+        """The worker's ``ANGEL_*`` settings that point it at this simulator (as environment variables)."""
+        cfg = self.config
+        return {
+            "ANGEL_API_KEY": cfg.api_key,
+            "ANGEL_CLIENT_CODE": cfg.client_code,
+            "ANGEL_PIN": cfg.pin,
+            "ANGEL_TOTP_SECRET": cfg.totp_secret,
+            "ANGEL_API_URL": self.url,
+            "ANGEL_WS_URL": self.ws_url,
+            "ANGEL_INSTRUMENTS_URL": self.url + MASTER_PATH,
+        }
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -311,7 +325,7 @@ class Simulator:
         with contextlib.suppress(ConnectionError):
             await conn.ws.send_bytes(p.encode(packet))
             if self.config.record:
-                self.sent.append(Sent(conn.id, packet, snapshot))
+                self.sent.append(Sent(conn.id, packet, snapshot, time.monotonic()))
 
     # ------------------------------------------------------------------ the socket
 

@@ -1,0 +1,82 @@
+"""The worker's wiring: the re-login clock, the instrument master source, start-up failures."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from datetime import time as wall_time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.workerkit import worker_settings
+from worker import app
+from worker.app import IST, Worker, WorkerThread, load_instruments, next_relogin
+from worker.instruments import InstrumentError, bundled_master_path
+from worker.localredis import LocalRedis
+from worker.simulator import MASTER_PATH, SimulatorThread
+
+
+def test_next_relogin_is_the_next_occurrence_of_the_wall_time_in_india() -> None:
+    eight = wall_time(8, 0)
+    # 01:30 UTC is 07:00 IST: one hour to go
+    assert next_relogin(datetime(2026, 11, 24, 1, 30, tzinfo=UTC), eight) == 3600
+    # 02:30 UTC is exactly 08:00 IST: the next one is tomorrow
+    assert next_relogin(datetime(2026, 11, 24, 2, 30, tzinfo=UTC), eight) == 86400
+    # 23:00 IST the day before, expressed in IST
+    assert next_relogin(datetime(2026, 11, 23, 23, 0, tzinfo=IST), eight) == 9 * 3600
+
+
+def test_the_instrument_master_from_a_file_or_a_url(sim: SimulatorThread, tmp_path: Path) -> None:
+    from_file = asyncio.run(load_instruments(str(bundled_master_path()), 5))
+    from_url = asyncio.run(load_instruments(sim.sim.url + MASTER_PATH, 5))
+    assert len(from_file) == len(from_url) == len(sim.sim.index)
+    with pytest.raises(InstrumentError, match=r"cannot download the instrument master from .*404"):
+        asyncio.run(load_instruments(sim.sim.url + "/nothing.json", 5))
+    with pytest.raises(InstrumentError, match="cannot download"):
+        asyncio.run(load_instruments("http://127.0.0.1:1/master.json", 5))
+    with pytest.raises(InstrumentError, match="cannot read the instrument master"):
+        asyncio.run(load_instruments(str(tmp_path), 5))
+
+
+def test_redis_urls_are_logged_without_their_password() -> None:
+    assert app.redact_url("redis://worker:s3cret@redis:6379/0") == "redis://***@redis:6379/0"
+    assert app.redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+def test_a_worker_that_cannot_start_says_why(sim: SimulatorThread, redis_server: LocalRedis, tmp_path: Path) -> None:
+    thread = WorkerThread(worker_settings(sim, redis_server.url, angel_instruments_url=str(tmp_path / "none.json")))
+    with pytest.raises(RuntimeError, match="did not start: InstrumentError"):
+        thread.start()
+    thread.stop()  # already ended: nothing to do
+    assert isinstance(thread.error, InstrumentError)
+
+
+def test_a_refused_daily_relogin_is_reported_and_retried_the_next_day(
+    sim: SimulatorThread, redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits = iter([0.0, 3600.0])
+    monkeypatch.setattr(app, "next_relogin", lambda now, at: next(waits))
+    worker = Worker(worker_settings(sim, redis_server.url, angel_pin="0000"))
+    seen: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(worker.sink, "event", lambda kind, **fields: seen.append((kind, fields)))
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.relogin_daily())
+        async with asyncio.timeout(10):
+            while not seen:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not task.done(), "waiting for tomorrow"
+        task.cancel()
+
+    asyncio.run(main())
+    assert [kind for kind, _ in seen] == ["login_failed"]
+    assert worker.logins == 0
+
+
+def test_the_relogin_clock_runs_in_india_time() -> None:
+    now = datetime.now(IST)
+    soon = (now + timedelta(minutes=5)).time()
+    assert 299 <= next_relogin(now, soon) <= 300

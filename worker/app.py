@@ -1,0 +1,238 @@
+"""The worker, wired: settings → login → instruments → feed → decode → normalize → sink → Redis.
+
+The data path runs top to bottom in :meth:`Worker.on_frame` on the event loop and ends in the
+sink's bounded queue; the writer thread does the XADDs. The control plane (commands, the hash)
+runs beside it on the same loop and talks to the feed only through ``Feed.apply``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from datetime import time as wall_time
+from pathlib import Path
+
+import aiohttp
+import redis
+import redis.asyncio as aioredis
+
+from worker import angel
+from worker import protocol as p
+from worker.control import Control
+from worker.feed import Credentials, Feed, FeedConfig
+from worker.instruments import InstrumentError, InstrumentIndex, parse_master
+from worker.normalize import Normalizer
+from worker.settings import Settings
+from worker.sink import Sink
+
+log = logging.getLogger(__name__)
+
+IST = timezone(timedelta(hours=5, minutes=30), "IST")  # India keeps no daylight saving time
+DECODE_ERROR_EVENT_EVERY = 5.0  # seconds between decode-error events (each error is counted)
+
+
+def next_relogin(now: datetime, at: wall_time) -> float:
+    """Seconds from ``now`` to the next ``at`` (Asia/Kolkata wall time)."""
+    local = now.astimezone(IST)
+    target = local.replace(hour=at.hour, minute=at.minute, second=at.second, microsecond=0)
+    if target <= local:
+        target += timedelta(days=1)
+    return (target - local).total_seconds()
+
+
+async def load_instruments(source: str, timeout: float) -> InstrumentIndex:
+    """The instrument master from an http(s) URL or a file path."""
+    if source.startswith(("http://", "https://")):
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(timeout, 60))) as session,
+                session.get(source) as response,
+            ):
+                response.raise_for_status()
+                raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise InstrumentError(f"cannot download the instrument master from {source}: {exc}") from None
+        return InstrumentIndex(parse_master(raw))
+    try:
+        raw = await asyncio.to_thread(Path(source).read_bytes)
+    except OSError as exc:
+        raise InstrumentError(f"cannot read the instrument master {source}: {exc.strerror}") from None
+    return InstrumentIndex(parse_master(raw))
+
+
+class Worker:
+    def __init__(self, settings: Settings, index: InstrumentIndex | None = None) -> None:
+        self.settings = settings
+        self.index = index
+        self.normalizer = Normalizer()
+        self.sink = Sink(
+            lambda: redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5),
+            stream_maxlen=settings.stream_maxlen,
+            events_maxlen=settings.events_maxlen,
+            buffer_max=settings.buffer_max,
+            batch_max=settings.batch_max,
+            linger=settings.batch_linger_ms / 1000,
+            retry_max=settings.redis_retry_max,
+        )
+        self.feed = Feed(
+            FeedConfig(
+                url=settings.angel_ws_url,
+                heartbeat_interval=settings.heartbeat_interval,
+                stall_timeout=settings.stall_timeout,
+                reconnect_initial=settings.reconnect_initial,
+                reconnect_max=settings.reconnect_max,
+                reconnect_jitter=settings.reconnect_jitter,
+                healthy_after=settings.healthy_after,
+                connect_timeout=settings.connect_timeout,
+            ),
+            self.credentials,
+            self.on_frame,
+            self.sink.event,
+        )
+        self.session: angel.Session | None = None
+        self.logins = 0
+        self.decode_errors = 0
+        self._last_decode_event = 0.0
+        self._login_lock = asyncio.Lock()
+        self.control: Control | None = None
+        self.started = asyncio.Event()
+
+    # ------------------------------------------------------------------ the data path
+
+    def on_frame(self, frame: bytes, recv_us: int) -> None:
+        """One binary frame: decode → normalize → the writer's queue."""
+        try:
+            packet = p.decode(frame)
+        except p.DecodeError as exc:
+            self.decode_errors += 1
+            now = time.monotonic()
+            if now - self._last_decode_event >= DECODE_ERROR_EVENT_EVERY:
+                self._last_decode_event = now
+                log.warning("undecodable frame (%d so far): %s", self.decode_errors, exc)
+                self.sink.event("decode_error", error=str(exc), total=self.decode_errors)
+            return
+        entry = self.normalizer.entry(packet, recv_us)
+        if entry is not None:
+            self.sink.put(entry[0], entry[1], recv_us)
+
+    # ------------------------------------------------------------------ login
+
+    async def credentials(self, fresh: bool) -> Credentials:
+        """The current login, or a new one when ``fresh`` (after a 401, or the daily re-login)."""
+        s = self.settings
+        async with self._login_lock:
+            if self.session is None or fresh:
+                try:
+                    self.session = await asyncio.to_thread(
+                        angel.login,
+                        s.angel_api_url,
+                        s.angel_api_key.get_secret_value(),
+                        s.angel_client_code,
+                        s.angel_pin.get_secret_value(),
+                        s.angel_totp_secret.get_secret_value(),
+                        s.connect_timeout,
+                    )
+                except angel.LoginError as exc:
+                    self.sink.event("login_failed", error=str(exc))
+                    raise
+                self.logins += 1
+                log.info("logged in as %s (login %d)", s.angel_client_code, self.logins)
+                self.sink.event("login", client_code=s.angel_client_code, count=self.logins)
+            return Credentials(
+                self.session.jwt_token, s.angel_api_key.get_secret_value(), s.angel_client_code, self.session.feed_token
+            )
+
+    async def relogin_daily(self) -> None:
+        """A fresh login every morning before the market opens; the sockets reconnect with it."""
+        while True:
+            await asyncio.sleep(next_relogin(datetime.now(IST), self.settings.angel_relogin_time))
+            try:
+                await self.credentials(fresh=True)
+            except angel.LoginError:
+                continue  # each connection logs in again itself as it reconnects
+            await self.feed.restart("daily re-login")
+
+    # ------------------------------------------------------------------ life
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        if self.index is None:
+            self.index = await load_instruments(s.angel_instruments_url, s.connect_timeout)
+        for inst in self.index:
+            self.normalizer.add(inst)
+        self.sink.start()
+        self.sink.event("worker_started", instruments=len(self.index))
+        log.info("worker started: %d instruments, redis %s", len(self.index), redact_url(s.redis_url))
+        control_client = aioredis.Redis.from_url(
+            s.redis_url, decode_responses=True, encoding_errors="replace", socket_timeout=5
+        )
+        control = Control(control_client, self.index, self.feed.apply, self.sink.event, self.feed.capacity)
+        self.control = control
+        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            self.feed.start(http)
+            tasks = [
+                asyncio.create_task(control.run(s.redis_retry_max), name="control"),
+                asyncio.create_task(self.relogin_daily(), name="relogin"),
+            ]
+            self.started.set()
+            await stop.wait()
+            log.info("stopping: closing the feed, flushing %d buffered ticks", self.sink.buffered)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.feed.close()
+        await control_client.aclose()
+        self.sink.event("worker_stopped", written=self.sink.stats.written, dropped=self.sink.stats.dropped)
+        flushed = await asyncio.to_thread(self.sink.stop, s.shutdown_timeout)
+        log.info("stopped: %d ticks written, %s", self.sink.stats.written, "all flushed" if flushed else "NOT flushed")
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+class WorkerThread:
+    """Runs a :class:`Worker` on its own event loop in a thread (the demo and the tests)."""
+
+    def __init__(self, settings: Settings, index: InstrumentIndex | None = None) -> None:
+        self.worker = Worker(settings, index)
+        self.loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="angelstream-worker", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self.loop.run_until_complete(self.worker.run(self._stop))
+        except BaseException as exc:  # reported to the owner through .error
+            self.error = exc
+        finally:
+            self.loop.close()
+
+    def start(self, timeout: float = 30.0) -> WorkerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.worker.started.is_set():
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start: {self.error!r}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout)
+
+    def __enter__(self) -> WorkerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
