@@ -25,11 +25,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check worker consumers bench tests
 	$(BIN)/mypy
 
-## demo: the simulator, streaming on http://127.0.0.1:8700 until Ctrl-C
+## demo: simulator → worker → Redis, with a live table of the latest ticks until Ctrl-C
 demo: $(STAMP)
-	$(BIN)/angelstream sim
+	$(BIN)/angelstream demo
 
-sim: demo
+## sim: only the simulator, on http://127.0.0.1:8700, for `angelstream run` with .env pointing at it
+sim: $(STAMP)
+	$(BIN)/angelstream sim
 
 ## bench: decode speed, our codec against the SDK's parser
 bench: $(STAMP)

@@ -326,3 +326,16 @@ def test_an_empty_secret_is_refused_and_the_error_keeps_no_trace_of_it(
         load()
     assert caught.value.__context__ is None
     assert caught.value.__cause__ is None
+
+
+def test_env_example_names_every_setting_and_loads_as_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    example = (Path(__file__).parent.parent / ".env.example").read_text()
+    named = {line.lstrip("# ").split("=", 1)[0] for line in example.splitlines() if "=" in line.split(" ")[-1]}
+    assert {name.upper() for name in Settings.model_fields} <= named
+    monkeypatch.chdir(tmp_path)
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    (tmp_path / ".env").write_text(example)
+    loaded = load()
+    assert loaded.angel_ws_url == "ws://127.0.0.1:8700/smart-stream"
+    assert loaded.stream_maxlen == Settings.model_fields["stream_maxlen"].default
