@@ -180,14 +180,17 @@ class Worker:
             ]
             self.started.set()
             await stop.wait()
+            # One budget for the whole shutdown: close frames first (a quarter, at most 1 s), then the flush.
+            deadline = asyncio.get_running_loop().time() + s.shutdown_timeout
             log.info("stopping: closing the feed, flushing %d buffered ticks", self.sink.buffered)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.feed.close()
+            await self.feed.close(timeout=min(1.0, s.shutdown_timeout / 4))
         await control_client.aclose()
         self.sink.event("worker_stopped", written=self.sink.stats.written, dropped=self.sink.stats.dropped)
-        flushed = await asyncio.to_thread(self.sink.stop, s.shutdown_timeout)
+        budget = max(0.1, deadline - asyncio.get_running_loop().time())
+        flushed = await asyncio.to_thread(self.sink.stop, budget)
         log.info("stopped: %d ticks written, %s", self.sink.stats.written, "all flushed" if flushed else "NOT flushed")
 
 

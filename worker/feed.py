@@ -345,12 +345,12 @@ class Feed:
         for conn in self.connections:
             await conn.restart(cause)
 
-    async def close(self, timeout: float = 2.0) -> None:
-        """Close frames on every socket; a connection waiting to reconnect is cancelled."""
-        for conn in self.connections:
-            await conn.close()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+    async def close(self, timeout: float = 1.0) -> None:
+        """Close frames on every socket at once; whatever is not done within ``timeout`` is cancelled."""
+        loop = asyncio.get_running_loop()
+        waiting = {loop.create_task(conn.close()) for conn in self.connections} | set(self._tasks)
+        if waiting:
+            _, pending = await asyncio.wait(waiting, timeout=timeout)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

@@ -125,7 +125,7 @@ class Sink:
             self._stopping = True
             self._deadline = time.monotonic() + timeout
             self._cond.notify()
-        self._thread.join(timeout + 1.0)
+        self._thread.join(timeout + 0.5)
         return not self._thread.is_alive() and not self._ticks and not self._events and not self._unwritten
 
     # ------------------------------------------------------------------ writer thread
