@@ -446,7 +446,7 @@ def test_concurrent_tick_access(sim: SimulatorThread, redis_client: redis.Redis,
             client.close()
 
     with start(sim, redis_client, redis_server.url, {"NSE:SBIN-EQ": "quote"}):
-        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 1, what="a tick")
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 5, what="five ticks")
         readers = [threading.Thread(target=reader) for _ in range(6)]
         for t in readers:
             t.start()
