@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.workerkit import worker_settings
-from worker import app
-from worker.app import IST, Worker, WorkerThread, load_instruments, next_relogin
-from worker.instruments import InstrumentError, bundled_master_path
+from worker import app, keys
+from worker import protocol as p
+from worker.app import IST, Worker, WorkerThread, next_relogin
+from worker.instruments import InstrumentError, InstrumentIndex, bundled_master_path, load_instruments, load_master_file
 from worker.localredis import LocalRedis
 from worker.simulator import MASTER_PATH, SimulatorThread
 
@@ -53,7 +55,7 @@ def test_a_worker_that_cannot_start_says_why(sim: SimulatorThread, redis_server:
     assert isinstance(thread.error, InstrumentError)
 
 
-def test_a_refused_daily_relogin_is_reported_and_retried_the_next_day(
+def test_the_daily_refresh_reloads_the_master_and_a_refused_relogin_waits_for_tomorrow(
     sim: SimulatorThread, redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     waits = iter([0.0, 3600.0])
@@ -63,20 +65,69 @@ def test_a_refused_daily_relogin_is_reported_and_retried_the_next_day(
     monkeypatch.setattr(worker.sink, "event", lambda kind, **fields: seen.append((kind, fields)))
 
     async def main() -> None:
-        task = asyncio.create_task(worker.relogin_daily())
+        client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        task = asyncio.create_task(worker.daily(client))
         async with asyncio.timeout(10):
-            while not seen:
+            while len(seen) < 2:
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
         assert not task.done(), "waiting for tomorrow"
         task.cancel()
+        assert await client.hlen(keys.INSTRUMENTS) == len(sim.sim.index)
+        await client.aclose()
 
     asyncio.run(main())
-    assert [kind for kind, _ in seen] == ["login_failed"]
+    assert [kind for kind, _ in seen] == ["instruments_refreshed", "login_failed"]
     assert worker.logins == 0
+    assert worker.index is not None
+    assert len(worker.index) == len(sim.sim.index)
+
+
+def test_a_failed_refresh_keeps_the_master_in_use(
+    sim: SimulatorThread, redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    worker = Worker(worker_settings(sim, redis_server.url, angel_instruments_url=str(tmp_path / "gone.json")))
+    index = InstrumentIndex(load_master_file(bundled_master_path()))
+    worker.use_index(index)
+    seen: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(worker.sink, "event", lambda kind, **fields: seen.append((kind, fields)))
+    asyncio.run(worker.refresh_instruments(aioredis.Redis.from_url(redis_server.url)))
+    assert worker.index is index
+    assert seen[0][0] == "instruments_refresh_failed"
+    assert "gone.json" in seen[0][1]["error"]
+
+
+def test_a_new_master_forgets_vanished_instruments(sim: SimulatorThread, redis_server: LocalRedis) -> None:
+    worker = Worker(worker_settings(sim, redis_server.url))
+    everything = load_master_file(bundled_master_path())
+    sbin = next(i for i in everything if i.key == "NSE:SBIN-EQ")
+    worker.use_index(InstrumentIndex(everything))
+    packet = p.LtpPacket(1, 1, sbin.token, 1, 1_700_000_000_000, 100)
+    assert worker.normalizer.entry(packet, 1) is not None
+    worker.use_index(InstrumentIndex([i for i in everything if i is not sbin]))
+    assert worker.normalizer.entry(packet._replace(sequence_number=2), 2) is None
 
 
 def test_the_relogin_clock_runs_in_india_time() -> None:
     now = datetime.now(IST)
     soon = (now + timedelta(minutes=5)).time()
     assert 299 <= next_relogin(now, soon) <= 300
+
+
+def test_the_master_is_indexed_in_redis_once_redis_is_back(sim: SimulatorThread) -> None:
+    with LocalRedis() as own:
+        own.stop()
+        worker = Worker(worker_settings(sim, own.url, redis_retry_max=0.1))
+        worker.use_index(InstrumentIndex(load_master_file(bundled_master_path())))
+
+        async def main() -> None:
+            client = aioredis.Redis.from_url(own.url, decode_responses=True)
+            task = asyncio.create_task(worker.publish_instruments(client))
+            await asyncio.sleep(0.3)
+            assert not task.done()
+            await asyncio.to_thread(own.start)
+            await asyncio.wait_for(task, 10)
+            assert await client.hlen(keys.INSTRUMENTS) == 42
+            await client.aclose()
+
+        asyncio.run(main())

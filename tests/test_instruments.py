@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
+from worker import keys
 from worker.instruments import (
     Instrument,
     InstrumentError,
@@ -13,9 +16,12 @@ from worker.instruments import (
     bundled_master_path,
     dump_master,
     generate_master,
+    load_instruments,
     load_master_file,
     parse_master,
+    publish_index,
 )
+from worker.localredis import LocalRedis
 
 SBIN_ROW = {
     "token": "3045", "symbol": "SBIN-EQ", "name": "SBIN", "expiry": "", "strike": "-1.000000",
@@ -93,3 +99,50 @@ def test_resolve_exact_or_ignoring_case_and_suggest_close_matches() -> None:
     assert "NSE:INFY-EQ" in index.suggest("NSE:INFI-EQ")
     assert index.suggest("BOM:SBIN-EQ")[0] in ("NSE:SBIN-EQ", "BSE:SBIN")  # no such exchange: any exchange
     assert index.suggest("NSE:ZZZZZZ") == []
+
+
+def test_the_master_is_kept_in_a_local_copy_used_when_the_source_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache" / "master.json"
+    source = tmp_path / "master.json"
+    source.write_bytes(bundled_master_path().read_bytes())
+    first = asyncio.run(load_instruments(str(source), 5, str(cache)))
+    assert cache.read_bytes() == source.read_bytes()
+    source.unlink()
+    again = asyncio.run(load_instruments(str(source), 5, str(cache)))
+    assert list(again) == list(first)
+    assert "using the cached copy" in caplog.text
+    with pytest.raises(InstrumentError, match="cannot read the instrument master"):
+        asyncio.run(load_instruments(str(source), 5, str(tmp_path / "no-cache.json")))
+    with pytest.raises(InstrumentError, match="cannot read the instrument master"):
+        asyncio.run(load_instruments(str(source), 5))
+
+
+def test_a_cache_that_cannot_be_written_is_only_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    index = asyncio.run(load_instruments(str(bundled_master_path()), 5, str(tmp_path / "file" / "master.json")))
+    assert len(index) == 42
+    assert "cannot keep a copy of the instrument master" in caplog.text
+
+
+def test_the_index_in_redis_resolves_both_ways_and_is_replaced_whole(redis_server: LocalRedis) -> None:
+    everything = load_master_file(bundled_master_path())
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        await client.delete(keys.INSTRUMENTS, keys.TOKENS)
+        await publish_index(client, InstrumentIndex(everything), chunk=10)
+        assert await client.hlen(keys.INSTRUMENTS) == 42
+        row = json.loads(await client.hget(keys.INSTRUMENTS, "NSE:SBIN-EQ") or "{}")
+        assert row == SBIN_ROW | {"tick_size": row["tick_size"], "name": row["name"], "lotsize": row["lotsize"]}
+        assert row["token"] == "3045"
+        assert await client.hget(keys.TOKENS, "NSE:3045") == "NSE:SBIN-EQ"
+        assert await client.hget(keys.TOKENS, keys.token_field("CDS", "1151")) == "CDS:USDINR29DEC26FUT"
+        await publish_index(client, InstrumentIndex(everything[:5]))
+        assert await client.hlen(keys.INSTRUMENTS) == 5
+        assert await client.hlen(keys.TOKENS) == 5
+        assert not await client.exists(keys.staging(keys.INSTRUMENTS))
+        await client.aclose()
+
+    asyncio.run(main())

@@ -30,6 +30,7 @@ FAST: dict[str, Any] = {
     "connect_timeout": 5.0,
     "shutdown_timeout": 3.0,
     "redis_retry_max": 0.2,
+    "instruments_cache": "",  # tests that want one say so
 }
 
 

@@ -8,25 +8,26 @@ runs beside it on the same loop and talks to the feed only through ``Feed.apply`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 from datetime import time as wall_time
-from pathlib import Path
 
 import aiohttp
 import redis
 import redis.asyncio as aioredis
 
-from worker import angel
+from worker import angel, keys
 from worker import protocol as p
 from worker.control import Control
 from worker.feed import Credentials, Feed, FeedConfig
-from worker.instruments import InstrumentError, InstrumentIndex, parse_master
+from worker.instruments import InstrumentError, InstrumentIndex, load_instruments, publish_index
 from worker.normalize import Normalizer
 from worker.settings import Settings
 from worker.sink import Sink
+from worker.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +42,6 @@ def next_relogin(now: datetime, at: wall_time) -> float:
     if target <= local:
         target += timedelta(days=1)
     return (target - local).total_seconds()
-
-
-async def load_instruments(source: str, timeout: float) -> InstrumentIndex:
-    """The instrument master from an http(s) URL or a file path."""
-    if source.startswith(("http://", "https://")):
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(timeout, 60))) as session,
-                session.get(source) as response,
-            ):
-                response.raise_for_status()
-                raw = await response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise InstrumentError(f"cannot download the instrument master from {source}: {exc}") from None
-        return InstrumentIndex(parse_master(raw))
-    try:
-        raw = await asyncio.to_thread(Path(source).read_bytes)
-    except OSError as exc:
-        raise InstrumentError(f"cannot read the instrument master {source}: {exc.strerror}") from None
-    return InstrumentIndex(parse_master(raw))
 
 
 class Worker:
@@ -91,10 +72,12 @@ class Worker:
             self.credentials,
             self.on_frame,
             self.sink.event,
+            max_connections=settings.angel_max_connections,
         )
         self.session: angel.Session | None = None
         self.logins = 0
         self.decode_errors = 0
+        self.last_seen: dict[tuple[int, str], int] = {}  # (exchange type, token) → last receive time, epoch µs
         self._last_decode_event = 0.0
         self._login_lock = asyncio.Lock()
         self.control: Control | None = None
@@ -114,6 +97,7 @@ class Worker:
                 log.warning("undecodable frame (%d so far): %s", self.decode_errors, exc)
                 self.sink.event("decode_error", error=str(exc), total=self.decode_errors)
             return
+        self.last_seen[(packet.exchange_type, packet.token)] = recv_us
         entry = self.normalizer.entry(packet, recv_us)
         if entry is not None:
             self.sink.put(entry[0], entry[1], recv_us)
@@ -145,10 +129,58 @@ class Worker:
                 self.session.jwt_token, s.angel_api_key.get_secret_value(), s.angel_client_code, self.session.feed_token
             )
 
-    async def relogin_daily(self) -> None:
-        """A fresh login every morning before the market opens; the sockets reconnect with it."""
+    # ------------------------------------------------------------------ the instrument master
+
+    def use_index(self, index: InstrumentIndex) -> None:
+        """Serve ``index`` from now on: new instruments known, vanished ones forgotten."""
+        old = self.index
+        self.index = index
+        if old is not None:
+            for inst in old:
+                if index.by_wire(inst.exchange_type, inst.token) != inst:
+                    self.normalizer.remove(inst)
+        for inst in index:
+            self.normalizer.add(inst)
+        if self.control is not None:
+            self.control.index = index
+
+    async def publish_instruments(self, client: aioredis.Redis) -> None:
+        """Index the master in Redis for every consumer; retried until Redis takes it."""
+        assert self.index is not None, "loaded before the worker starts its tasks"
+        failures = 0
+        while True:
+            try:
+                await publish_index(client, self.index)
+            except (redis.RedisError, OSError) as exc:
+                failures += 1
+                delay = min(self.settings.redis_retry_max, 0.1 * 2 ** min(failures, 30))
+                log.warning("cannot index the instrument master in redis (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            log.info("instrument master indexed in redis: %d instruments", len(self.index))
+            return
+
+    async def refresh_instruments(self, client: aioredis.Redis) -> None:
+        """Load the master again (new contracts appear every day) and apply it."""
+        s = self.settings
+        try:
+            index = await load_instruments(s.angel_instruments_url, s.connect_timeout, s.instruments_cache)
+        except InstrumentError as exc:
+            log.warning("instrument master refresh failed: %s", exc)
+            self.sink.event("instruments_refresh_failed", error=str(exc))
+            return
+        self.use_index(index)
+        self.sink.event("instruments_refreshed", instruments=len(index))
+        if self.control is not None:
+            with contextlib.suppress(redis.RedisError, OSError):  # the periodic reconcile catches up
+                await self.control.reconcile()
+        await self.publish_instruments(client)
+
+    async def daily(self, client: aioredis.Redis) -> None:
+        """Every morning before the market opens: a fresh master, a fresh login, the sockets reconnected."""
         while True:
             await asyncio.sleep(next_relogin(datetime.now(IST), self.settings.angel_relogin_time))
+            await self.refresh_instruments(client)
             try:
                 await self.credentials(fresh=True)
             except angel.LoginError:
@@ -159,24 +191,27 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        if self.index is None:
-            self.index = await load_instruments(s.angel_instruments_url, s.connect_timeout)
-        for inst in self.index:
-            self.normalizer.add(inst)
+        index = self.index or await load_instruments(s.angel_instruments_url, s.connect_timeout, s.instruments_cache)
+        self.use_index(index)
         self.sink.start()
-        self.sink.event("worker_started", instruments=len(self.index))
-        log.info("worker started: %d instruments, redis %s", len(self.index), redact_url(s.redis_url))
+        self.sink.event("worker_started", instruments=len(index))
+        log.info("worker started: %d instruments, redis %s", len(index), redact_url(s.redis_url))
         control_client = aioredis.Redis.from_url(
             s.redis_url, decode_responses=True, encoding_errors="replace", socket_timeout=5
         )
-        control = Control(control_client, self.index, self.feed.apply, self.sink.event, self.feed.capacity)
+        control = Control(
+            control_client, index, self.feed.apply, self.sink.event, self.feed.capacity, s.reconcile_interval
+        )
         self.control = control
         timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             self.feed.start(http)
+            status = Status(control_client, self, s.status_interval, s.stale_after)
             tasks = [
                 asyncio.create_task(control.run(s.redis_retry_max), name="control"),
-                asyncio.create_task(self.relogin_daily(), name="relogin"),
+                asyncio.create_task(self.daily(control_client), name="daily"),
+                asyncio.create_task(status.run(), name="status"),
+                asyncio.create_task(self.publish_instruments(control_client), name="instruments"),
             ]
             self.started.set()
             await stop.wait()
@@ -187,6 +222,8 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.feed.close(timeout=min(1.0, s.shutdown_timeout / 4))
+        with contextlib.suppress(redis.RedisError, OSError):
+            await control_client.delete(keys.HEARTBEAT)  # stopped: `angelstream status` says so at once
         await control_client.aclose()
         self.sink.event("worker_stopped", written=self.sink.stats.written, dropped=self.sink.stats.dropped)
         budget = max(0.1, deadline - asyncio.get_running_loop().time())

@@ -1,4 +1,5 @@
-"""Angel's instrument master (``OpenAPIScripMaster.json``): parse, index, look up.
+"""Angel's instrument master (``OpenAPIScripMaster.json``): load (with a local cached copy), parse,
+index, look up, and publish in Redis so any consumer can resolve ``EXCHANGE:SYMBOL`` ↔ token.
 
 Every row of the master is an object whose values are all strings (spec §7.3). An instrument is
 addressed by users as ``EXCHANGE:SYMBOL`` (``exch_seg`` and ``symbol``, e.g. ``NSE:SBIN-EQ``) and
@@ -7,8 +8,11 @@ on the wire by ``(exchangeType, token)``.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
+import logging
+import os
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -17,7 +21,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import redis.asyncio as aioredis
+
+from worker import keys
 from worker.protocol import EXCHANGE_TYPE_BY_SEGMENT
+
+log = logging.getLogger(__name__)
 
 _REQUIRED = ("token", "symbol", "exch_seg")
 
@@ -152,6 +162,66 @@ class InstrumentIndex:
         pool = same or [k for k in self.by_folded if k.partition(":")[2].startswith(initial)]
         matches = difflib.get_close_matches(key.strip().casefold(), pool, n=count, cutoff=0.6)
         return [self.by_folded[m].key for m in matches]
+
+
+async def fetch_master(source: str, timeout: float) -> bytes:
+    """The raw master from an http(s) URL or a file path."""
+    if source.startswith(("http://", "https://")):
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(timeout, 60))) as session,
+                session.get(source) as response,
+            ):
+                response.raise_for_status()
+                return await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise InstrumentError(f"cannot download the instrument master from {source}: {exc}") from None
+    try:
+        return await asyncio.to_thread(Path(source).read_bytes)
+    except OSError as exc:
+        raise InstrumentError(f"cannot read the instrument master {source}: {exc.strerror}") from None
+
+
+async def load_instruments(source: str, timeout: float, cache: str = "") -> InstrumentIndex:
+    """The master from ``source``; saved to ``cache``, and read from it when ``source`` fails."""
+    try:
+        raw = await fetch_master(source, timeout)
+        index = InstrumentIndex(parse_master(raw))
+    except InstrumentError as exc:
+        if not cache or not Path(cache).is_file():
+            raise
+        log.warning("%s; using the cached copy %s", exc, cache)
+        return InstrumentIndex(parse_master(await fetch_master(cache, timeout)))
+    if cache:
+        try:
+            await asyncio.to_thread(_save, Path(cache), raw)
+        except OSError as exc:
+            log.warning("cannot keep a copy of the instrument master in %s: %s", cache, exc.strerror)
+    return index
+
+
+def _save(path: Path, raw: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(raw)
+    os.replace(partial, path)  # readers never see half a file
+
+
+async def publish_index(client: aioredis.Redis, index: InstrumentIndex, chunk: int = 2000) -> None:
+    """Replace ``angelstream:instruments`` and ``angelstream:tokens`` atomically (build aside, then RENAME)."""
+    staging_rows, staging_tokens = keys.staging(keys.INSTRUMENTS), keys.staging(keys.TOKENS)
+    await client.delete(staging_rows, staging_tokens)
+    batch = list(index)
+    for start in range(0, len(batch), chunk):
+        part = batch[start : start + chunk]
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(staging_rows, mapping={i.key: json.dumps(i.to_row(), separators=(",", ":")) for i in part})
+        pipe.hset(staging_tokens, mapping={keys.token_field(i.exchange, i.token): i.key for i in part})
+        await pipe.execute()
+    pipe = client.pipeline(transaction=True)
+    pipe.rename(staging_rows, keys.INSTRUMENTS)
+    pipe.rename(staging_tokens, keys.TOKENS)
+    await pipe.execute()
 
 
 def generate_master(count: int, seed: int = 1) -> list[Instrument]:

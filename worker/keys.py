@@ -10,6 +10,15 @@ SUBSCRIPTIONS = f"{PREFIX}:subscriptions"
 CONTROL = f"{PREFIX}:control"
 #: Stream of command answers, errors and worker events (capped with MAXLEN ~).
 EVENTS = f"{PREFIX}:events"
+#: Hash of each subscription's state: field ``EXCHANGE:SYMBOL``, value JSON {"state": "pending"|"live"|"stale"|
+#: "rejected", "mode", "token", "since" (epoch ms), "last_tick" (epoch ms), "reason"}.
+STATE = f"{PREFIX}:state"
+#: String with a TTL: the worker's health as JSON (connections, last tick, counts); gone if the worker died.
+HEARTBEAT = f"{PREFIX}:heartbeat"
+#: Hash of the instrument master: field ``EXCHANGE:SYMBOL``, value the master's JSON row.
+INSTRUMENTS = f"{PREFIX}:instruments"
+#: Hash from the wire to the name: field ``EXCHANGE:TOKEN`` (e.g. ``NSE:3045``), value ``EXCHANGE:SYMBOL``.
+TOKENS = f"{PREFIX}:tokens"
 
 
 def ticks(exchange: str, symbol: str) -> str:
@@ -20,3 +29,13 @@ def ticks(exchange: str, symbol: str) -> str:
 def ticks_for(key: str) -> str:
     """The tick stream of ``EXCHANGE:SYMBOL``."""
     return f"ticks:{key}"
+
+
+def token_field(exchange: str, token: str) -> str:
+    """The field of :data:`TOKENS` for one instrument, e.g. ``NSE:3045``."""
+    return f"{exchange}:{token}"
+
+
+def staging(key: str) -> str:
+    """Where a replacement of ``key`` is built before an atomic RENAME."""
+    return f"{key}:staging"

@@ -63,6 +63,22 @@ class Settings(BaseSettings):
         10.0, description="a connection up this long resets the reconnect delay (shorter ones count as failures)"
     )
     connect_timeout: PositiveFloat = Field(10.0, description="seconds for login and the WebSocket upgrade")
+    angel_max_connections: PositiveInt = Field(
+        3, description="feed connections per client code (Angel allows 3), each with at most 1000 tokens"
+    )
+
+    # --- Control plane and health
+    reconcile_interval: PositiveFloat = Field(
+        30.0, description="seconds between re-reads of angelstream:subscriptions (commands apply at once)"
+    )
+    status_interval: PositiveFloat = Field(
+        1.0, description="seconds between updates of angelstream:state and the angelstream:heartbeat key"
+    )
+    stale_after: PositiveFloat = Field(60.0, description="a live symbol without a tick for this long is stale")
+    instruments_cache: str = Field(
+        ".angelstream/instruments.json",
+        description="local copy of the instrument master, used when the download fails ('' for none)",
+    )
 
     # --- Writer
     buffer_max: PositiveInt = Field(200_000, description="ticks buffered while Redis is slow or down")

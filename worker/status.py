@@ -1,0 +1,176 @@
+"""Subscription state and worker health, kept in Redis so any language (and ``angelstream status``) can read them.
+
+* ``angelstream:state`` (hash): per ``EXCHANGE:SYMBOL`` a JSON object with ``state``:
+  ``pending`` (subscribed, no tick yet), ``live`` (ticking; ``last_tick`` is the last receive
+  time), ``stale`` (no tick for ``stale_after`` seconds) or ``rejected`` (with ``reason``), plus
+  ``mode``, ``token`` and ``since`` (when it entered that state), times in epoch ms.
+* ``angelstream:heartbeat`` (string with a TTL of a few intervals): the worker's health as JSON.
+  If the key is missing, no worker is running.
+
+Runs on the worker's event loop beside the control plane, never on the data path: the data path
+only records the receive time of each instrument's last packet in a dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.asyncio as aioredis
+
+from worker import keys
+from worker.schema import MODE_NAMES
+
+if TYPE_CHECKING:
+    from worker.app import Worker
+    from worker.feed import FeedConnection
+
+log = logging.getLogger(__name__)
+
+STATES = ("pending", "live", "stale", "rejected")
+
+
+@dataclass
+class SymbolState:
+    state: str
+    mode: str = ""
+    token: str = ""
+    since: int = 0  # epoch ms
+    last_tick: int | None = None  # epoch ms
+    reason: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v not in ("", None)}, separators=(",", ":"))
+
+
+class Status:
+    def __init__(self, client: aioredis.Redis, worker: Worker, interval: float, stale_after: float) -> None:
+        self.client = client
+        self.worker = worker
+        self.interval = interval
+        self.stale_after = stale_after
+        self.states: dict[str, SymbolState] = {}
+        self.subscribed_at: dict[str, int] = {}  # key → epoch ms it joined the live set
+        self.started_at = int(time.time() * 1000)
+        self._written: dict[str, str] = {}  # what the state hash holds now
+        self._last_written_count = 0
+        self._last_at = time.monotonic()
+
+    # ------------------------------------------------------------------ computing
+
+    def compute(self, now_ms: int) -> dict[str, SymbolState]:
+        """Every subscription's state now."""
+        control = self.worker.control
+        live = control.live if control is not None else {}
+        rejected = control.stats.rejected if control is not None else {}
+        placement = self.worker.feed.placement
+        last_seen = self.worker.last_seen
+        for key in list(self.subscribed_at):
+            if key not in live:
+                del self.subscribed_at[key]
+        states: dict[str, SymbolState] = {}
+        for key, inst in live.items():
+            joined = self.subscribed_at.setdefault(key, now_ms)
+            placed = placement.get((inst.exchange_type, inst.token))
+            mode = MODE_NAMES.get(placed[1], "") if placed else ""
+            seen_us = last_seen.get((inst.exchange_type, inst.token))
+            last_tick = seen_us // 1000 if seen_us is not None and seen_us // 1000 >= joined else None
+            if last_tick is None:
+                state = "pending"
+            elif now_ms - last_tick > self.stale_after * 1000:
+                state = "stale"
+            else:
+                state = "live"
+            states[key] = self._since(key, SymbolState(state, mode, inst.token, now_ms, last_tick))
+        for key, reason in rejected.items():
+            states[key] = self._since(key, SymbolState("rejected", reason=reason, since=now_ms))
+        self.states = states
+        return states
+
+    def _since(self, key: str, new: SymbolState) -> SymbolState:
+        old = self.states.get(key)
+        if old is not None and old.state == new.state:
+            new.since = old.since
+        return new
+
+    def heartbeat(self, now_ms: int) -> dict[str, Any]:
+        w = self.worker
+        stats = w.sink.stats
+        elapsed = max(time.monotonic() - self._last_at, 1e-6)
+        rate = (stats.written - self._last_written_count) / elapsed
+        self._last_written_count, self._last_at = stats.written, time.monotonic()
+        seen = max(w.last_seen.values(), default=None)
+        counts = dict.fromkeys(STATES, 0)
+        for state in self.states.values():
+            counts[state.state] += 1
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": self.started_at,
+            "at": now_ms,
+            "connections": [_connection(c) for c in w.feed.connections],
+            "last_tick": seen // 1000 if seen is not None else None,
+            "ticks_written": stats.written,
+            "ticks_per_second": round(rate, 1),
+            "ticks_dropped": stats.dropped,
+            "ticks_rejected": stats.rejected,
+            "buffered": w.sink.buffered,
+            "redis_ok": stats.redis_ok,
+            "write_errors": stats.write_errors,
+            "decode_errors": w.decode_errors,
+            "reconnects": sum(c.reconnects for c in w.feed.connections),
+            "logins": w.logins,
+            "subscriptions": counts,
+        }
+
+    # ------------------------------------------------------------------ writing
+
+    async def publish(self) -> None:
+        """Write what changed in the state hash, and the heartbeat."""
+        now_ms = int(time.time() * 1000)
+        current = {key: state.to_json() for key, state in self.compute(now_ms).items()}
+        changed = {key: value for key, value in current.items() if self._written.get(key) != value}
+        gone = [key for key in self._written if key not in current]
+        beat = json.dumps(self.heartbeat(now_ms), separators=(",", ":"))
+        pipe = self.client.pipeline(transaction=False)
+        if changed:
+            pipe.hset(keys.STATE, mapping=changed)  # type: ignore[arg-type]
+        if gone:
+            pipe.hdel(keys.STATE, *gone)
+        pipe.set(keys.HEARTBEAT, beat, ex=max(3, math.ceil(self.interval * 3)))
+        await pipe.execute()
+        self._written = current
+
+    async def run(self) -> None:
+        """Publish every ``interval`` until cancelled; a Redis outage only delays it."""
+        first = True
+        while True:
+            try:
+                if first:
+                    await self.client.delete(keys.STATE)  # a previous worker's states
+                    first = False
+                await self.publish()
+            except (redis.RedisError, OSError) as exc:
+                self._written = {}  # rewrite everything once Redis is back
+                log.debug("status: redis unavailable (%s)", type(exc).__name__)
+            await asyncio.sleep(self.interval)
+
+
+def _connection(conn: FeedConnection) -> dict[str, Any]:
+    return {
+        "name": conn.name,
+        "state": conn.state,
+        "tokens": len(conn.desired),
+        "connects": conn.connects,
+        "reconnects": conn.reconnects,
+        "last_error": conn.last_error,
+        "last_frame_at": int(conn.last_frame_at * 1000) or None,
+    }
