@@ -38,7 +38,7 @@ class Entry:
     stream: str
     fields: Fields
     maxlen: int
-    ms: int | None  # receive time, ms: the basis of the entry ID; None for "*"
+    ms: int  # receive (or event) time, ms: the basis of the entry ID
     id: str = "*"
 
 
@@ -100,14 +100,15 @@ class Sink:
 
     def event(self, kind: str, **fields: str | int | float) -> None:
         """Queue an event for ``angelstream:events`` (``type``, ``ts`` in epoch ms, then ``fields``)."""
-        flat: Fields = ("type", kind, "ts", int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
+        flat: Fields = ("type", kind, "ts", now_ms)
         for name, value in fields.items():
             flat += (name, value)
         with self._cond:
             if len(self._events) >= EVENTS_QUEUE_MAX:
                 self._events.popleft()
                 self.stats.events_dropped += 1
-            self._events.append(Entry(keys.EVENTS, flat, self.events_maxlen, None))
+            self._events.append(Entry(keys.EVENTS, flat, self.events_maxlen, now_ms))  # explicit IDs: never twice
             self._cond.notify()
 
     @property
@@ -143,8 +144,7 @@ class Sink:
             batch += [self._ticks.popleft() for _ in range(min(len(self._ticks), self.batch_max - len(batch)))]
             dropped, self._dropped_unreported = self._dropped_unreported, 0
         for entry in batch:
-            if entry.ms is not None:
-                entry.id = self._next_id(entry.stream, entry.ms)
+            entry.id = self._next_id(entry.stream, entry.ms)
         if dropped:
             self.event("ticks_dropped", count=dropped, total=self.stats.dropped, buffer_max=self.buffer_max)
         return batch
@@ -214,14 +214,14 @@ class Sink:
         for i, (entry, result) in enumerate(zip(batch, results, strict=True)):
             if not isinstance(result, redis.ResponseError):
                 self._count(entry)
-                if entry.ms is None and entry.stream != keys.EVENTS:  # adopt the ID Redis chose
+                if entry.id == "*":  # adopt the ID Redis chose
                     ms, _, n = (result.decode() if isinstance(result, bytes) else str(result)).partition("-")
                     self._last_ids[entry.stream] = (int(ms), int(n))
             elif _ALREADY_WRITTEN in str(result):
                 if i in held:
                     self._count(entry)  # the failed attempt had written it
                 else:  # the stream is ahead of our clock (a restart, or the clock stepped back)
-                    entry.id, entry.ms = "*", None
+                    entry.id = "*"
                     again.append(entry)
             elif str(result).startswith("WRONGTYPE"):
                 self.stats.rejected += 1
