@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from worker import settings as settings_module
-from worker.settings import RedisSettings, Settings, SettingsError, load
+from worker.settings import CandleSettings, RedisSettings, Settings, SettingsError, load
 
 REQUIRED = {
     "ANGEL_API_KEY": "key-Zq81",
@@ -332,6 +332,7 @@ def test_env_example_names_every_setting_and_loads_as_is(monkeypatch: pytest.Mon
     example = (Path(__file__).parent.parent / ".env.example").read_text()
     named = {line.lstrip("# ").split("=", 1)[0] for line in example.splitlines() if "=" in line.split(" ")[-1]}
     assert {name.upper() for name in Settings.model_fields} <= named
+    assert {name.upper() for name in CandleSettings.model_fields} <= named
     monkeypatch.chdir(tmp_path)
     for name in Settings.model_fields:
         monkeypatch.delenv(name.upper(), raising=False)

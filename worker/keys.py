@@ -21,6 +21,14 @@ INSTRUMENTS = f"{PREFIX}:instruments"
 TOKENS = f"{PREFIX}:tokens"
 
 
+#: SCAN pattern of every tick stream.
+TICKS_PATTERN = "ticks:*"
+#: Consumer group of the candle builder on every tick stream.
+CANDLE_GROUP = "candles"
+#: Sorted set of live candle-builder replicas (member: consumer name, score: last beat, epoch ms).
+CANDLE_REPLICAS = f"{PREFIX}:candles:replicas"
+
+
 def ticks(exchange: str, symbol: str) -> str:
     """The tick stream of one instrument, e.g. ``ticks:NSE:SBIN-EQ``."""
     return f"ticks:{exchange}:{symbol}"
@@ -39,3 +47,28 @@ def token_field(exchange: str, token: str) -> str:
 def staging(key: str) -> str:
     """Where a replacement of ``key`` is built before an atomic RENAME."""
     return f"{key}:staging"
+
+
+def symbol_of(stream: str) -> str:
+    """``EXCHANGE:SYMBOL`` of a tick stream name."""
+    return stream.removeprefix("ticks:")
+
+
+def candles(interval: str, key: str) -> str:
+    """Closed candles of ``EXCHANGE:SYMBOL`` for ``interval``, e.g. ``candles:1m:NSE:SBIN-EQ`` (a stream)."""
+    return f"candles:{interval}:{key}"
+
+
+def forming(interval: str, key: str) -> str:
+    """The candle still forming, e.g. ``candles:forming:1m:NSE:SBIN-EQ`` (a hash; gone between candles)."""
+    return f"candles:forming:{interval}:{key}"
+
+
+def candle_state(key: str) -> str:
+    """The candle builder's saved state for one symbol (a string of JSON)."""
+    return f"{PREFIX}:candles:state:{key}"
+
+
+def candle_owner(key: str) -> str:
+    """Which candle-builder replica holds ``EXCHANGE:SYMBOL`` now (a string with a TTL: the lease)."""
+    return f"{PREFIX}:candles:owner:{key}"

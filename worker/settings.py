@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 from datetime import time
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+_S = TypeVar("_S", bound=BaseSettings)
 PositiveInt = Annotated[int, Field(gt=0)]
 
 ANGEL_API_URL = "https://apiconnect.angelone.in"
@@ -31,6 +32,19 @@ class RedisSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
 
     redis_url: str = Field("redis://localhost:6379/0", description="Redis to read from")
+
+
+class CandleSettings(RedisSettings):
+    """``angelstream candles``: the candle builder (reads the tick streams, writes candles)."""
+
+    candle_intervals: str = Field("1m", description="comma-separated intervals, e.g. 1m,5m,15m,1h,1d")
+    candle_sessions: str = Field(
+        "", description="session starts (IST) overriding the defaults, e.g. MCX=09:00,NSE=09:15"
+    )
+    candle_grace: float = Field(5.0, ge=0, description="seconds after a candle's end before a timer closes it")
+    candle_name: str = Field("", description="this replica's consumer name (default: the host name)")
+    candle_lease: PositiveFloat = Field(10.0, description="seconds a replica holds a symbol without renewing")
+    candles_maxlen: PositiveInt = Field(100_000, description="entries kept per candle stream (MAXLEN ~)")
 
 
 class Settings(BaseSettings):
@@ -132,8 +146,13 @@ def _describe(error: dict[str, Any]) -> str:
 
 def load(**overrides: Any) -> Settings:
     """Settings from the environment and ``.env``; ``overrides`` win (tests, demo)."""
+    return load_as(Settings, **overrides)
+
+
+def load_as(kind: type[_S], **overrides: Any) -> _S:
+    """Settings of ``kind`` from the environment and ``.env``, or :class:`SettingsError` naming the problem."""
     try:
-        return Settings(**overrides)
+        return kind(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
     # Raised outside the handler, so the error carries no context holding the rejected (secret) input.
