@@ -41,6 +41,9 @@ def test_the_table_shows_each_symbols_latest_tick_and_colours_the_change(redis_c
     add(redis_client, "NSE:FLAT", "5.00")
     add(redis_client, "NSE:FLAT", "5.00")
     add(redis_client, "NSE:ONE", "7.10", mode="snap_quote", volume="1234567", bids="[[7.05,10,2]]", asks="[]")
+    candle = {"open": "7.00", "high": "7.20", "low": "6.90", "close": "7.10", "has_volume": "1", "volume": "12345"}
+    redis_client.hset(keys.forming("1m", "NSE:ONE"), mapping=candle)  # type: ignore[arg-type]
+    redis_client.hset(keys.forming("1m", "NSE:UP"), mapping=candle | {"has_volume": "0"})  # type: ignore[arg-type]
     text = render(redis_client, ["NSE:UP", "NSE:DOWN", "NSE:FLAT", "NSE:ONE", "NSE:NONE"])
     lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("│ NSE:")}
     assert "100.05 ▲" in lines["NSE:UP"]
@@ -50,6 +53,9 @@ def test_the_table_shows_each_symbols_latest_tick_and_colours_the_change(redis_c
     assert "▲" not in lines["NSE:FLAT"]
     assert "▼" not in lines["NSE:FLAT"]
     assert "1,234,567" in lines["NSE:ONE"]
+    assert "7.00 7.20 6.90 7.10 12,345" in lines["NSE:ONE"]  # the forming 1m candle
+    assert "7.00 7.20 6.90 7.10" in lines["NSE:UP"]
+    assert "12,345" not in lines["NSE:UP"]  # a candle of LTP ticks only has no volume
     assert "7.05 × 10" in lines["NSE:ONE"]
     assert "21:30:00" in lines["NSE:ONE"]  # 16:00 UTC, shown in IST
     assert "waiting…" in lines["NSE:NONE"]
@@ -64,6 +70,7 @@ def test_the_demo_uses_a_reachable_redis_and_fills_its_streams(
     assert f"using the Redis at REDIS_URL {redis_server.url}" in caplog.text
     for key in DEMO_SYMBOLS:
         assert redis_client.xlen(keys.ticks_for(key)) > 0, key
+        assert redis_client.exists(keys.forming("1m", key)), f"the demo builds candles too: {key}"
         assert key in out.getvalue()
     assert redis_client.hgetall(keys.SUBSCRIPTIONS) == {k.encode(): v.encode() for k, v in DEMO_SYMBOLS.items()}
 

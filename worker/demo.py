@@ -1,4 +1,4 @@
-"""``angelstream demo``: the simulator, the real worker and a Redis, with a live table of the latest ticks.
+"""``angelstream demo``: the simulator, the real worker, the candle builder and a Redis, with a live table.
 
 Nothing here is demo-only plumbing: the worker is the same :class:`~worker.app.Worker` that
 ``angelstream run`` starts, the simulator speaks Angel's protocol, and the table reads the streams
@@ -8,11 +8,13 @@ with :func:`~worker.client.get_latest_ticks` like any consumer would.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
+from typing import cast
 
 import redis
 from rich.console import Console
@@ -20,6 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from consumers.candles import CandleConfig, CandleService, intervals_of
 from worker import keys
 from worker.app import IST, WorkerThread, redact_url
 from worker.client import get_latest_ticks
@@ -78,17 +81,28 @@ def _best(levels: tuple[tuple[Decimal, int, int], ...] | None) -> str:
     return f"{levels[0][0]} × {levels[0][1]}" if levels else ""
 
 
+def _candle(client: redis.Redis, key: str) -> str:
+    """The forming 1-minute candle the candle builder keeps in Redis."""
+    raw = cast(dict[bytes, bytes], client.hgetall(keys.forming("1m", key)))
+    if not raw:
+        return ""
+    c = {k.decode(): v.decode() for k, v in raw.items()}
+    volume = f" {int(c['volume']):,}" if c["has_volume"] == "1" else ""
+    return f"{c['open']} {c['high']} {c['low']} {c['close']}{volume}"
+
+
 def table(client: redis.Redis, symbols: list[str]) -> Table:
     """The latest tick of each symbol, read from its stream."""
     now_ms = time.time() * 1000
     view = Table(title="angelstream demo: latest ticks from Redis (Ctrl-C to stop)", expand=False)
-    for column in ("symbol", "mode", "ltp", "volume", "bid", "ask", "exch time", "ticks", "age"):
+    columns = ("symbol", "mode", "ltp", "volume", "bid", "ask", "exch time", "ticks", "age", "1m candle (O H L C V)")
+    for column in columns:
         view.add_column(column, justify="left" if column in ("symbol", "mode") else "right", no_wrap=True)
     for key in symbols:
         exchange, _, symbol = key.partition(":")
         latest = get_latest_ticks(symbol, exchange, 2, client=client)
         if not latest:
-            view.add_row(key, "", "waiting…", "", "", "", "", "0", "")
+            view.add_row(key, "", "waiting…", "", "", "", "", "0", "", "")
             continue
         tick = latest[0]
         when = datetime.fromtimestamp(tick.exch_ts / 1000, IST).strftime("%H:%M:%S")
@@ -96,6 +110,7 @@ def table(client: redis.Redis, symbols: list[str]) -> Table:
             key, tick.mode, _price(tick, latest[1] if len(latest) > 1 else None),
             "" if tick.volume is None else f"{tick.volume:,}", _best(tick.bids), _best(tick.asks), when,
             f"{client.xlen(keys.ticks_for(key)):,}", f"{max(0.0, now_ms - tick.recv_ts / 1000):.0f} ms",
+            _candle(client, key),
         )  # fmt: skip
     return view
 
@@ -110,6 +125,13 @@ def run_demo(redis_url: str, rate: float = 4.0, duration: float | None = None, c
         client.hset(keys.SUBSCRIPTIONS, mapping=DEMO_SYMBOLS)  # type: ignore[arg-type]
         log.info("demo: simulator at %s; subscribed %s", sim.sim.url, ", ".join(symbols))
         deadline = float("inf") if duration is None else time.monotonic() + duration
+        candles = CandleService(
+            redis.Redis.from_url(url, decode_responses=True),
+            CandleConfig(intervals_of(["1m", "5m"]), name="demo", block_ms=200, discover_every=0.5),
+        )
+        stop_candles = threading.Event()
+        builder = threading.Thread(target=candles.run, args=(stop_candles,), name="candles", daemon=True)
+        builder.start()
         try:
             with WorkerThread(settings, sim.sim.index), Live(table(client, symbols), console=console) as live:
                 while time.monotonic() < deadline:
@@ -118,5 +140,8 @@ def run_demo(redis_url: str, rate: float = 4.0, duration: float | None = None, c
         except KeyboardInterrupt:
             console.print("stopped")
         finally:
+            stop_candles.set()
+            builder.join(5)
+            candles.client.close()
             client.close()
     return 0
