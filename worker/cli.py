@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
+from worker import client as client_module
+from worker import keys, simulator
 from worker import settings as settings_module
-from worker import simulator
 from worker.instruments import InstrumentError, bundled_master_path, generate_master, load_master_file
+from worker.schema import MODES_BY_NAME, Tick
 
 DEFAULT_SIM_PORT = 8700
 
@@ -219,6 +225,187 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(settings_module.RedisSettings().redis_url, args.rate, args.duration)
 
 
+# --------------------------------------------------------------------------- talking to the worker
+
+IST = timezone(timedelta(hours=5, minutes=30), "IST")  # India keeps no daylight saving time
+
+
+def _symbol(text: str) -> str:
+    exchange, _, symbol = text.partition(":")
+    if not exchange or not symbol:
+        raise argparse.ArgumentTypeError(f"{text!r}: write EXCHANGE:SYMBOL, e.g. NSE:SBIN-EQ")
+    return text
+
+
+def _fail(command: str, message: object) -> int:
+    print(f"angelstream {command}: {message}", file=sys.stderr)
+    return 1
+
+
+def _redis_url() -> str:
+    return settings_module.RedisSettings().redis_url
+
+
+def _control_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for action, summary in (
+        ("subscribe", "ask the running worker to stream these symbols"),
+        ("unsubscribe", "ask the running worker to stop streaming these symbols"),
+    ):
+        parser = commands.add_parser(
+            action,
+            help=summary,
+            description=(
+                f"{summary[0].upper()}{summary[1:]}: a command on {keys.CONTROL}, answered on {keys.EVENTS}. "
+                "Prints the symbols and tokens the worker accepted; a refusal prints its reason and exits 1. "
+                "Redis is REDIS_URL (environment or .env)."
+            ),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        parser.add_argument("symbols", nargs="+", type=_symbol, metavar="EXCHANGE:SYMBOL")
+        if action == "subscribe":
+            parser.add_argument("--mode", choices=tuple(MODES_BY_NAME), default="ltp", help="what each tick carries")
+        parser.add_argument(
+            "--timeout", type=_positive(float), default=5.0, help="seconds to wait for the worker's answer"
+        )
+        parser.set_defaults(handler=_run_control, action=action)
+
+
+def _run_control(args: argparse.Namespace) -> int:
+    mode = getattr(args, "mode", "ltp")
+    try:
+        with client_module.open_redis(_redis_url()) as conn:
+            answer = client_module.send_command(conn, args.action, args.symbols, mode, args.timeout)
+    except client_module.ClientError as exc:
+        return _fail(args.action, exc)
+    tokens: dict[str, str] = json.loads(answer.get("tokens", "{}"))
+    how = f" ({mode})" if args.action == "subscribe" else ""
+    print(f"{args.action}d{how}: {len(tokens)} symbol{'s' * (len(tokens) != 1)}")
+    width = max((len(key) for key in tokens), default=0)
+    for key, token in tokens.items():
+        print(f"  {key:<{width}}  token {token}")
+    return 0
+
+
+def _latest_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    latest = commands.add_parser(
+        "latest",
+        help="the newest ticks of one symbol, newest first",
+        description=(
+            "The newest ticks of ticks:EXCHANGE:SYMBOL (XREVRANGE), newest first: a table, or with --json one "
+            "JSON object per line with every field (prices as exact decimal strings, integers as numbers)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    latest.add_argument("symbol", type=_symbol, metavar="EXCHANGE:SYMBOL")
+    latest.add_argument("-n", "--count", type=_positive(int), default=10, help="how many ticks")
+    latest.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    latest.set_defaults(handler=_run_latest)
+
+
+def _plain(value: object) -> object:
+    """A tick field for JSON: decimals as their exact text, levels as [price text, qty, orders]."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, tuple):
+        return [[str(price), qty, orders] for price, qty, orders in value]
+    return value
+
+
+def _tick_json(tick: Tick) -> dict[str, object]:
+    """Every field of ``tick`` that is set, for ``json.dumps``."""
+    return {f.name: _plain(v) for f in dataclasses.fields(tick) if (v := getattr(tick, f.name)) is not None}
+
+
+def _when(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, IST).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _best(levels: tuple[tuple[Decimal, int, int], ...] | None) -> str:
+    return f"{levels[0][0]}×{levels[0][1]}" if levels else ""
+
+
+#: The table's columns: header, cell. A column whose cells are all empty (not in these modes) is left out.
+_COLUMNS: tuple[tuple[str, Callable[[Tick], str]], ...] = (
+    ("time", lambda t: _when(t.exch_ts)),
+    ("ltp", lambda t: str(t.ltp)),
+    ("ltq", lambda t: "" if t.ltq is None else str(t.ltq)),
+    ("volume", lambda t: "" if t.volume is None else str(t.volume)),
+    ("best bid", lambda t: _best(t.bids)),
+    ("best ask", lambda t: _best(t.asks)),
+    ("mode", lambda t: t.mode),
+)
+
+
+def _run_latest(args: argparse.Namespace) -> int:
+    exchange, _, symbol = args.symbol.partition(":")
+    try:
+        with client_module.open_redis(_redis_url()) as conn:
+            ticks = client_module.get_latest_ticks(symbol, exchange, args.count, client=conn)
+    except client_module.ClientError as exc:
+        return _fail("latest", exc)
+    if not ticks:
+        return _fail(
+            "latest",
+            f"no ticks in {keys.ticks(exchange, symbol)}: is it subscribed? (angelstream subscribe {args.symbol})",
+        )
+    if args.json:
+        for tick in ticks:
+            print(json.dumps(_tick_json(tick)))
+        return 0
+    from rich import box  # noqa: PLC0415 - only for the table
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    cells = [[cell(tick) for _, cell in _COLUMNS] for tick in ticks]
+    shown = [i for i in range(len(_COLUMNS)) if any(row[i] for row in cells)]
+    day = datetime.fromtimestamp(ticks[0].exch_ts / 1000, IST).date()
+    table = Table(title=f"{args.symbol}, newest first ({day}, IST)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for i in shown:
+        table.add_column(_COLUMNS[i][0], justify="left" if i in (0, len(_COLUMNS) - 1) else "right")
+    for row in cells:
+        table.add_row(*(row[i] for i in shown))
+    Console().print(table)
+    return 0
+
+
+def _search_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    search = commands.add_parser(
+        "search",
+        help="find instruments by symbol or name (in the index the worker keeps in Redis)",
+        description=(
+            f"Case-insensitive search of the instrument master the worker indexed in {keys.INSTRUMENTS}: "
+            "TEXT anywhere in the symbol or the name; exact symbol matches first. "
+            "Prints EXCHANGE:SYMBOL, token, name, expiry and lot size."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    search.add_argument("text", metavar="TEXT")
+    search.add_argument("-n", "--count", type=_positive(int), default=20, help="show at most this many")
+    search.add_argument("--exchange", help="only this exchange segment (NSE, BSE, NFO, MCX, CDS, …)")
+    search.set_defaults(handler=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    try:
+        with client_module.open_redis(_redis_url()) as conn:
+            found = client_module.search_instruments(conn, args.text, args.exchange)
+    except client_module.ClientError as exc:
+        return _fail("search", exc)
+    if not found:
+        where = f" on {args.exchange}" if args.exchange else ""
+        return _fail("search", f"no instrument{where} has {args.text!r} in its symbol or name")
+    rows = [
+        (key, row.get("token", ""), row.get("name", "") or "-", row.get("expiry", "") or "-", row.get("lotsize", ""))
+        for key, row in found[: args.count]
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
+    if len(found) > len(rows):
+        print(f"… and {len(found) - len(rows)} more (show them with -n {len(found)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="angelstream",
@@ -228,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(commands)
     _demo_parser(commands)
     _sim_parser(commands)
+    _control_parser(commands)
+    _latest_parser(commands)
+    _search_parser(commands)
     return parser
 
 
