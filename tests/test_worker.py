@@ -317,6 +317,7 @@ def test_bad_frames_are_counted_and_the_connection_kept(
         sim.inject(fault)
         sim.inject(fault)
         wait_for(lambda: worker.worker.decode_errors == 2, what="two decode errors")
+        wait_for(lambda: events(redis_client, "decode_error"), what="the decode error event")
         [event] = events(redis_client, "decode_error")  # rate-limited: one event, every error counted
         assert event["total"] == "1"
         n = redis_client.xlen("ticks:NSE:SBIN-EQ")
