@@ -9,9 +9,14 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from worker import client as client_module
 from worker import keys, simulator
@@ -406,6 +411,87 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser(
+        "status",
+        help="is the worker alive, and which symbols are live, pending, stale or rejected",
+        description=(
+            f"Reads {keys.HEARTBEAT} (missing: no worker is running; exit 1) and {keys.STATE}: the worker's "
+            "connections and counters, then one line per subscription with its state."
+        ),
+    )
+    status.add_argument("--json", action="store_true", help="print the heartbeat and the states as one JSON object")
+    status.set_defaults(handler=_run_status)
+
+
+_STATE_STYLE = {"live": "green", "pending": "yellow", "stale": "red", "rejected": "red"}
+
+
+def _age(now_ms: int, epoch_ms: object) -> str:
+    if not isinstance(epoch_ms, int):
+        return "-"
+    seconds = max(0, now_ms - epoch_ms) / 1000
+    return f"{seconds:.1f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    try:
+        with client_module.open_redis(_redis_url()) as conn:
+            found = client_module.get_status(conn)
+    except client_module.ClientError as exc:
+        return _fail("status", exc)
+    if args.json:
+        print(json.dumps({"heartbeat": found.heartbeat, "state": found.states, "subscriptions": found.desired}))
+        return 0 if found.heartbeat is not None else 1
+    console = Console(highlight=False)
+    now = int(time.time() * 1000)
+    beat = found.heartbeat
+    if beat is None:
+        console.print(f"[red]no worker is running[/red] ({keys.HEARTBEAT} is missing): start `angelstream run`")
+    else:
+        console.print(
+            f"worker {beat.get('host')} pid {beat.get('pid')}, up since {_when(beat.get('started_at', 0))} IST; "
+            f"last tick {_age(now, beat.get('last_tick'))}; {beat.get('ticks_written', 0):,} ticks written "
+            f"({beat.get('ticks_per_second', 0)}/s), {beat.get('ticks_dropped', 0)} dropped, "
+            f"{beat.get('buffered', 0)} buffered, redis {'ok' if beat.get('redis_ok') else '[red]failing[/red]'}"
+        )
+        connections = Table("connection", "state", "tokens", "connects", "reconnects", "last error", box=None)
+        for conn_info in beat.get("connections", []):
+            style = "green" if conn_info.get("state") == "connected" else "red"
+            connections.add_row(
+                str(conn_info.get("name")), Text(str(conn_info.get("state")), style=style),
+                str(conn_info.get("tokens")), str(conn_info.get("connects")), str(conn_info.get("reconnects")),
+                str(conn_info.get("last_error") or ""),
+            )  # fmt: skip
+        console.print(connections)
+    symbols = Table("symbol", "state", "mode", "token", "last tick", "since", "reason", box=None)
+    for key in sorted(set(found.states) | set(found.desired)):
+        state = found.states.get(key, {})
+        name = str(state.get("state", "unknown"))
+        symbols.add_row(
+            key, Text(name, style=_STATE_STYLE.get(name, "")), str(state.get("mode", found.desired.get(key, ""))),
+            str(state.get("token", "")), _age(now, state.get("last_tick")), _age(now, state.get("since")),
+            str(state.get("reason", "")),
+        )  # fmt: skip
+    counts = beat.get("subscriptions", {}) if beat else {}
+    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in _STATE_STYLE)
+    console.print(symbols)
+    console.print(f"{len(found.desired)} subscribed: {summary}" if beat else f"{len(found.desired)} subscribed")
+    return 0 if beat is not None else 1
+
+
+def _candles(argv: Sequence[str]) -> int:
+    from consumers.candles import main as candles_main  # noqa: PLC0415 - loaded only when asked for
+
+    return candles_main(argv)
+
+
+#: Commands that parse their own options: ``angelstream NAME …`` is ``NAME``'s own ``main(…)``.
+_PASS_THROUGH: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
+    "candles": ("build OHLCV candles from the tick streams (a process of its own; --help for options)", _candles),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="angelstream",
@@ -418,12 +504,17 @@ def build_parser() -> argparse.ArgumentParser:
     _control_parser(commands)
     _latest_parser(commands)
     _search_parser(commands)
+    _status_parser(commands)
+    for name, (summary, _) in _PASS_THROUGH.items():
+        commands.add_parser(name, help=summary, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv or ["run"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in _PASS_THROUGH:
+        return _PASS_THROUGH[argv[0]][1](argv[1:])
+    args = build_parser().parse_args(argv or ["run"])
     code: int = args.handler(args)
     return code

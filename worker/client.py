@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -223,6 +224,40 @@ def search_instruments(client: redis.Redis, text: str, exchange: str | None = No
         return symbol != wanted, not symbol.startswith(wanted), len(symbol), item[0]
 
     return sorted(found, key=rank)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """What ``angelstream:heartbeat`` and ``angelstream:state`` say (see worker.status)."""
+
+    heartbeat: dict[str, Any] | None  # None: no worker is running (the key expired)
+    states: dict[str, dict[str, Any]]  # EXCHANGE:SYMBOL → {"state", "mode", "token", "since", "last_tick", "reason"}
+    desired: dict[str, str]  # the subscriptions hash: EXCHANGE:SYMBOL → mode
+
+
+def get_status(client: redis.Redis) -> WorkerStatus:
+    """The worker's heartbeat, each subscription's state and the desired set, read in one round trip."""
+    with _redis_errors():
+        pipe = client.pipeline(transaction=False)
+        pipe.get(keys.HEARTBEAT)
+        pipe.hgetall(keys.STATE)
+        pipe.hgetall(keys.SUBSCRIPTIONS)
+        beat, states, desired = pipe.execute()
+    parsed = {_text(k): _json_object(v) for k, v in states.items()}
+    return WorkerStatus(
+        _json_object(beat) if beat is not None else None,
+        {k: v for k, v in parsed.items() if v},
+        {_text(k): _text(v) for k, v in desired.items()},
+    )
+
+
+def _json_object(value: bytes | str) -> dict[str, Any]:
+    """A JSON object, or {} for anything else (a reader never fails on one bad value)."""
+    try:
+        found = json.loads(value)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 # --------------------------------------------------------------------------- following the streams
