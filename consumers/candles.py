@@ -35,20 +35,20 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from datetime import time as wall_time
 from decimal import Decimal
 from typing import cast
 
 import redis
 
-from worker import keys
+from worker import keys, logs
 from worker import settings as settings_module
 from worker.schema import Tick, parse_entry
+from worker.settings import IST
 
 log = logging.getLogger(__name__)
 
-IST = timezone(timedelta(hours=5, minutes=30), "IST")
 CANDLE_SCHEMA_VERSION = "1"
 DEFAULT_SESSIONS = {
     "NSE": wall_time(9, 15), "BSE": wall_time(9, 15), "NFO": wall_time(9, 15), "BFO": wall_time(9, 15),
@@ -474,5 +474,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # python -m consumers.candles
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     sys.exit(main())

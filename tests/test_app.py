@@ -14,9 +14,10 @@ import redis.asyncio as aioredis
 from tests.workerkit import worker_settings
 from worker import app, keys
 from worker import protocol as p
-from worker.app import IST, Worker, WorkerThread, next_relogin
+from worker.app import Worker, WorkerThread, next_relogin
 from worker.instruments import InstrumentError, InstrumentIndex, bundled_master_path, load_instruments, load_master_file
 from worker.localredis import LocalRedis
+from worker.settings import IST, redact_url
 from worker.simulator import MASTER_PATH, SimulatorThread
 
 
@@ -43,8 +44,8 @@ def test_the_instrument_master_from_a_file_or_a_url(sim: SimulatorThread, tmp_pa
 
 
 def test_redis_urls_are_logged_without_their_password() -> None:
-    assert app.redact_url("redis://worker:s3cret@redis:6379/0") == "redis://***@redis:6379/0"
-    assert app.redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert redact_url("redis://worker:s3cret@redis:6379/0") == "redis://***@redis:6379/0"
+    assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
 
 
 def test_a_worker_that_cannot_start_says_why(sim: SimulatorThread, redis_server: LocalRedis, tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def test_a_killed_worker_resumes_every_subscription_from_the_hash(
     for key, mode in want.items():
         redis_client.hset(keys.SUBSCRIPTIONS, key, mode)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANGEL_", "REDIS_"))}
-    env |= sim.sim.worker_env() | {"REDIS_URL": redis_server.url, "INSTRUMENTS_CACHE": ""}
+    env |= sim.sim.worker_env() | {"REDIS_URL": redis_server.url, "INSTRUMENTS_CACHE": "", "HEALTH_PORT": "0"}
     command = [sys.executable, "-m", "worker", "run"]
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
     try:

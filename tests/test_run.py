@@ -47,7 +47,7 @@ def sim() -> Iterator[SimulatorThread]:
 
 
 def sim_env(sim: SimulatorThread, redis_url: str) -> dict[str, str]:
-    return clean_env(REDIS_URL=redis_url, HEARTBEAT_INTERVAL="0.5", **sim.sim.worker_env())
+    return clean_env(REDIS_URL=redis_url, HEARTBEAT_INTERVAL="0.5", HEALTH_PORT="0", **sim.sim.worker_env())
 
 
 def test_a_missing_setting_exits_2_with_one_line_naming_it(tmp_path: Path) -> None:

@@ -340,3 +340,11 @@ def test_env_example_names_every_setting_and_loads_as_is(monkeypatch: pytest.Mon
     loaded = load()
     assert loaded.angel_ws_url == "ws://127.0.0.1:8700/smart-stream"
     assert loaded.stream_maxlen == Settings.model_fields["stream_maxlen"].default
+
+
+def test_the_log_format_is_text_or_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = {"angel_api_key": "k", "angel_client_code": "C1", "angel_pin": "9", "angel_totp_secret": "S"}
+    assert load(**base, log_format="JSON").log_format == "json"
+    with pytest.raises(SettingsError, match="LOG_FORMAT is invalid: must be text or json"):
+        load(**base, log_format="xml")

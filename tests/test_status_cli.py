@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import redis
@@ -80,3 +81,25 @@ def test_candles_takes_its_own_options(monkeypatch: pytest.MonkeyPatch, capsys: 
     monkeypatch.delenv("CANDLE_INTERVALS", raising=False)
     assert main(["candles", "--intervals", "1fortnight"]) == 2
     assert "bad interval" in capsys.readouterr().err
+
+
+def test_config_prints_every_setting_with_secrets_and_passwords_masked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("ANGEL_API_KEY", "ANGEL_CLIENT_CODE", "ANGEL_PIN", "ANGEL_TOTP_SECRET", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["config"]) == 2
+    assert "ANGEL_API_KEY is required" in capsys.readouterr().err
+    monkeypatch.setenv("ANGEL_API_KEY", "key-1234")
+    monkeypatch.setenv("ANGEL_CLIENT_CODE", "A1")
+    monkeypatch.setenv("ANGEL_PIN", "4321")
+    monkeypatch.setenv("ANGEL_TOTP_SECRET", "TOTPSECRETXYZ")
+    monkeypatch.setenv("REDIS_URL", "redis://worker:hunter2@redis:6379/0")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "ANGEL_CLIENT_CODE=A1" in out
+    assert "REDIS_URL=redis://***@redis:6379/0" in out
+    assert "HEALTH_PORT=8000" in out
+    for secret in ("key-1234", "4321", "TOTPSECRETXYZ", "hunter2"):
+        assert secret not in out

@@ -388,7 +388,7 @@ def test_the_daily_relogin_restarts_the_feed_with_a_fresh_session(
 ) -> None:
     from datetime import datetime, timedelta
 
-    from worker.app import IST
+    from worker.settings import IST
 
     soon = (datetime.now(IST) + timedelta(seconds=2)).time().replace(microsecond=0)
     with start(sim, redis_client, redis_server.url, {"NSE:SBIN-EQ": "ltp"}, angel_relogin_time=soon) as worker:

@@ -31,6 +31,7 @@ FAST: dict[str, Any] = {
     "shutdown_timeout": 3.0,
     "redis_retry_max": 0.2,
     "instruments_cache": "",  # tests that want one say so
+    "health_port": 0,  # any free port: tests run side by side
 }
 
 

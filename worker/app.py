@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from datetime import time as wall_time
 
 import aiohttp
@@ -23,15 +23,15 @@ from worker import angel, keys
 from worker import protocol as p
 from worker.control import Control
 from worker.feed import Credentials, Feed, FeedConfig
+from worker.health import HealthServer, Metrics
 from worker.instruments import InstrumentError, InstrumentIndex, load_instruments, publish_index
 from worker.normalize import Normalizer
-from worker.settings import Settings
+from worker.settings import IST, Settings, redact_url
 from worker.sink import Sink
 from worker.status import Status
 
 log = logging.getLogger(__name__)
 
-IST = timezone(timedelta(hours=5, minutes=30), "IST")  # India keeps no daylight saving time
 DECODE_ERROR_EVENT_EVERY = 5.0  # seconds between decode-error events (each error is counted)
 
 
@@ -81,6 +81,11 @@ class Worker:
         self._last_decode_event = 0.0
         self._login_lock = asyncio.Lock()
         self.control: Control | None = None
+        self.status: Status | None = None
+        self.redis: aioredis.Redis | None = None  # the control plane's client (also the readiness probe's)
+        self.metrics = Metrics(self)
+        self.sink.on_batch = self.metrics.on_batch
+        self.health: HealthServer | None = None
         self.started = asyncio.Event()
 
     # ------------------------------------------------------------------ the data path
@@ -199,6 +204,15 @@ class Worker:
         control_client = aioredis.Redis.from_url(
             s.redis_url, decode_responses=True, encoding_errors="replace", socket_timeout=5
         )
+        self.redis = control_client
+        health = HealthServer(self, self.metrics, s.health_host, s.health_port)
+        try:
+            await health.start()
+            self.health = health
+        except OSError as exc:  # the data path matters more than the probes: keep going, loudly
+            log.error("health: cannot listen on %s:%d (%s); /healthz, /readyz, /metrics are OFF",
+                      s.health_host, s.health_port, exc.strerror)  # fmt: skip
+            self.sink.event("health_unavailable", error=f"cannot listen on {s.health_host}:{s.health_port}")
         control = Control(
             control_client, index, self.feed.apply, self.sink.event, self.feed.capacity, s.reconcile_interval
         )
@@ -206,7 +220,7 @@ class Worker:
         timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             self.feed.start(http)
-            status = Status(control_client, self, s.status_interval, s.stale_after)
+            status = self.status = Status(control_client, self, s.status_interval, s.stale_after)
             tasks = [
                 asyncio.create_task(control.run(s.redis_retry_max), name="control"),
                 asyncio.create_task(self.daily(control_client), name="daily"),
@@ -224,19 +238,13 @@ class Worker:
             await self.feed.close(timeout=min(1.0, s.shutdown_timeout / 4))
         with contextlib.suppress(redis.RedisError, OSError):
             await control_client.delete(keys.HEARTBEAT)  # stopped: `angelstream status` says so at once
+        if self.health is not None:
+            await self.health.stop()
         await control_client.aclose()
         self.sink.event("worker_stopped", written=self.sink.stats.written, dropped=self.sink.stats.dropped)
         budget = max(0.1, deadline - asyncio.get_running_loop().time())
         flushed = await asyncio.to_thread(self.sink.stop, budget)
         log.info("stopped: %d ticks written, %s", self.sink.stats.written, "all flushed" if flushed else "NOT flushed")
-
-
-def redact_url(url: str) -> str:
-    """A Redis URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
 
 
 class WorkerThread:

@@ -6,12 +6,11 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from decimal import Decimal
 
 from rich.console import Console
@@ -19,10 +18,11 @@ from rich.table import Table
 from rich.text import Text
 
 from worker import client as client_module
-from worker import keys, simulator
+from worker import keys, logs, simulator
 from worker import settings as settings_module
 from worker.instruments import InstrumentError, bundled_master_path, generate_master, load_master_file
 from worker.schema import MODES_BY_NAME, Tick
+from worker.settings import IST
 
 DEFAULT_SIM_PORT = 8700
 
@@ -199,7 +199,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     except settings_module.SettingsError as exc:
         print(f"angelstream run: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     try:
         asyncio.run(_until_signalled(Worker(config).run))
     except InstrumentError as exc:
@@ -231,8 +231,6 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- talking to the worker
-
-IST = timezone(timedelta(hours=5, minutes=30), "IST")  # India keeps no daylight saving time
 
 
 def _symbol(text: str) -> str:
@@ -411,6 +409,26 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    config = commands.add_parser(
+        "config",
+        help="print the worker's effective configuration, secrets masked",
+        description="Every setting as `angelstream run` would use it (environment, then .env, then defaults).",
+    )
+    config.set_defaults(handler=_run_config)
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    try:
+        config = settings_module.load()
+    except settings_module.SettingsError as exc:
+        print(f"angelstream config: {exc}", file=sys.stderr)
+        return 2
+    for name, value in config.masked().items():
+        print(f"{name.upper()}={value}")
+    return 0
+
+
 def _status_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser(
         "status",
@@ -505,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     _latest_parser(commands)
     _search_parser(commands)
     _status_parser(commands)
+    _config_parser(commands)
     for name, (summary, _) in _PASS_THROUGH.items():
         commands.add_parser(name, help=summary, add_help=False)
     return parser
@@ -512,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     if argv and argv[0] in _PASS_THROUGH:
         return _PASS_THROUGH[argv[0]][1](argv[1:])
     args = build_parser().parse_args(argv or ["run"])

@@ -24,11 +24,11 @@ from rich.text import Text
 
 from consumers.candles import CandleConfig, CandleService, intervals_of
 from worker import keys
-from worker.app import IST, WorkerThread, redact_url
+from worker.app import WorkerThread
 from worker.client import get_latest_ticks
 from worker.localredis import LocalRedis
 from worker.schema import Tick
-from worker.settings import load
+from worker.settings import IST, load, redact_url
 from worker.simulator import SimConfig, SimulatorThread
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,8 @@ def run_demo(redis_url: str, rate: float = 4.0, duration: float | None = None, c
     console = console or Console()
     symbols = list(DEMO_SYMBOLS)
     with SimulatorThread(SimConfig(rate_per_token=rate)) as sim, demo_redis(redis_url) as url:
-        settings = load(redis_url=url, **{name.lower(): value for name, value in sim.sim.worker_env().items()})
+        env = {name.lower(): value for name, value in sim.sim.worker_env().items()}
+        settings = load(redis_url=url, health_port=0, **env)
         client = redis.Redis.from_url(url)
         client.hset(keys.SUBSCRIPTIONS, mapping=DEMO_SYMBOLS)  # type: ignore[arg-type]
         log.info("demo: simulator at %s; subscribed %s", sim.sim.url, ", ".join(symbols))

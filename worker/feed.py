@@ -92,6 +92,7 @@ class FeedConnection:
         self.reconnects = 0
         self.last_frame_at = 0.0  # time.time() of the last frame of any kind
         self.last_error = ""
+        self.causes: dict[str, int] = {}  # why connections ended or failed, by kind (metrics)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._fresh_login = False
         self._closing = False
@@ -175,6 +176,7 @@ class FeedConnection:
         try:
             credentials = await self._credentials(fresh)
         except Exception as exc:
+            self.causes["login"] = self.causes.get("login", 0) + 1
             raise FeedError(f"login failed: {exc}") from None
         try:
             ws = await session.ws_connect(
@@ -188,8 +190,11 @@ class FeedConnection:
             reason = exc.headers.get("x-error-message", exc.message) if exc.headers else exc.message
             if exc.status == 401:
                 self._fresh_login = True
+            kind = f"refused_{exc.status}"
+            self.causes[kind] = self.causes.get(kind, 0) + 1
             raise FeedError(f"upgrade refused with HTTP {exc.status}: {reason}") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self.causes["connect"] = self.causes.get("connect", 0) + 1
             raise FeedError(f"cannot connect to {self.config.url}: {type(exc).__name__} {exc}".rstrip()) from None
         started = time.monotonic()
         self.connects += 1
@@ -212,8 +217,10 @@ class FeedConnection:
             await ws.close()
         if self._closing:
             raise _Closing
+        kind = "restart" if self._restart_cause else _kind(cause)
         cause = self._restart_cause or cause
         self._restart_cause = ""
+        self.causes[kind] = self.causes.get(kind, 0) + 1
         self._on_event("feed_disconnected", connection=self.name, cause=cause)
         if time.monotonic() - started < self.config.healthy_after:
             raise FeedError(cause)
@@ -260,6 +267,13 @@ class FeedConnection:
             )  # fmt: skip
         elif isinstance(message, p.UnknownText):
             self._on_event("feed_unknown_text", connection=self.name, text=message.text[:200])
+
+
+def _kind(cause: str) -> str:
+    """A disconnect's cause, as a metric label: closed, stalled or lost."""
+    if cause.startswith("closed"):
+        return "closed"
+    return "stalled" if cause.startswith("stalled") else "lost"
 
 
 class Feed:

@@ -54,6 +54,7 @@ class Normalizer:
         self._last: dict[tuple[int, int, str], p.Packet] = {}
         self.repeats = 0  # exact repeats suppressed
         self.skipped = 0  # packets of instruments not added, or of Depth-20 (not in the tick contract)
+        self.received = [0] * 128  # ticks normalized, at [exchange type * 8 + mode] (metrics)
 
     def add(self, inst: Instrument) -> None:
         heads: dict[int, Fields] = {
@@ -90,6 +91,7 @@ class Normalizer:
             self.repeats += 1
             return None
         self._last[last_key] = packet
+        self.received[packet.exchange_type * 8 + packet.mode] += 1
         price = target.price
         fields: Fields = (
             *target.heads[packet.mode], "seq", packet.sequence_number, "exch_ts", packet.exchange_timestamp,

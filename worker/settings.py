@@ -7,7 +7,7 @@ A missing or invalid setting is reported by :func:`load` as one line naming it.
 from __future__ import annotations
 
 import re
-from datetime import time
+from datetime import time, timedelta, timezone
 from typing import Annotated, Any, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PositiveFloat = Annotated[float, Field(gt=0)]
 _S = TypeVar("_S", bound=BaseSettings)
 PositiveInt = Annotated[int, Field(gt=0)]
+
+#: India's time zone (no daylight saving time): every wall time in the settings is in it.
+IST = timezone(timedelta(hours=5, minutes=30), "IST")
 
 ANGEL_API_URL = "https://apiconnect.angelone.in"
 ANGEL_WS_URL = "wss://smartapisocket.angelone.in/smart-stream"
@@ -101,7 +104,20 @@ class Settings(BaseSettings):
     redis_retry_max: PositiveFloat = Field(5.0, description="cap of the delay between Redis write retries, seconds")
     shutdown_timeout: PositiveFloat = Field(4.0, description="seconds to flush on SIGTERM before exiting")
 
+    # --- Health, metrics, logs
+    health_host: str = Field(
+        "127.0.0.1", description="address of /healthz, /readyz and /metrics (0.0.0.0 in a container)"
+    )
+    health_port: int = Field(
+        8000, ge=0, le=65535, description="port of /healthz, /readyz and /metrics (0: any free port)"
+    )
+    market_open: time = Field(time(9, 15), description="IST, weekdays: from here /readyz requires fresh data")
+    market_close: time = Field(time(15, 30), description="IST: until here /readyz requires fresh data")
+    fresh_within: PositiveFloat = Field(
+        30.0, description="in market hours, the last tick must be this recent (seconds)"
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_format: str = Field("text", description="text (key=value) or json (one object per line)")
 
     @field_validator("redis_url")
     @classmethod
@@ -124,6 +140,13 @@ class Settings(BaseSettings):
             raise ValueError("must be a wss:// (or ws:// for the local simulator) URL")
         return value
 
+    @field_validator("log_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value.lower() not in ("text", "json"):
+            raise ValueError("must be text or json")
+        return value.lower()
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -133,7 +156,16 @@ class Settings(BaseSettings):
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration, secrets masked (safe to print or log)."""
-        return {name: ("**********" if isinstance(v, SecretStr) else v) for name, v in self}
+        shown = {name: ("**********" if isinstance(v, SecretStr) else v) for name, v in self}
+        return shown | {"redis_url": redact_url(self.redis_url)}
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -82,6 +82,9 @@ class Sink:
         self._deadline = float("inf")
         self._last_ids: dict[str, tuple[int, int]] = {}
         self._dropped_unreported = 0
+        self.written_by_stream: dict[str, int] = {}  # ticks written per stream (metrics)
+        #: on_batch(size, XADD round trip in s, receive ms of the batch's oldest tick or None): the metrics' hook
+        self.on_batch: Callable[[int, float, int | None], None] | None = None
         self._unwritten = 0  # entries given up at the stop deadline (the batch in hand)
         self._thread = threading.Thread(target=self._run, name="angelstream-writer", daemon=True)
 
@@ -199,7 +202,11 @@ class Sink:
             pipe.execute_command(  # type: ignore[no-untyped-call]
                 "XADD", entry.stream, "MAXLEN", "~", entry.maxlen, entry.id, *entry.fields
             )
+        began = time.perf_counter()
         results = pipe.execute(raise_on_error=False)
+        if self.on_batch is not None:
+            oldest = min((e.ms for e in batch if e.stream != keys.EVENTS), default=None)
+            self.on_batch(len(batch), time.perf_counter() - began, oldest)
         held: set[int] = set()
         if retry:  # a refused ID was written by the failed attempt only if the stream holds it; else it is ahead
             doubtful = [
@@ -238,3 +245,4 @@ class Sink:
             self.stats.events_written += 1
         else:
             self.stats.written += 1
+            self.written_by_stream[entry.stream] = self.written_by_stream.get(entry.stream, 0) + 1
