@@ -103,3 +103,8 @@ def test_config_prints_every_setting_with_secrets_and_passwords_masked(
     assert "HEALTH_PORT=8000" in out
     for secret in ("key-1234", "4321", "TOTPSECRETXYZ", "hunter2"):
         assert secret not in out
+
+
+def test_tail_takes_its_own_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tail", "nocolon"]) == 1
+    assert "EXCHANGE:SYMBOL" in capsys.readouterr().err

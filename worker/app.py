@@ -270,6 +270,7 @@ class WorkerThread:
         deadline = time.monotonic() + timeout
         while not self.worker.started.is_set():
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()  # never leave a half-started worker running
                 raise RuntimeError(f"the worker did not start: {self.error!r}")
             time.sleep(0.01)
         return self

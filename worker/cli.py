@@ -504,9 +504,16 @@ def _candles(argv: Sequence[str]) -> int:
     return candles_main(argv)
 
 
+def _tail(argv: Sequence[str]) -> int:
+    from consumers.tail import main as tail_main  # noqa: PLC0415 - loaded only when asked for
+
+    return tail_main(argv)
+
+
 #: Commands that parse their own options: ``angelstream NAME …`` is ``NAME``'s own ``main(…)``.
 _PASS_THROUGH: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "candles": ("build OHLCV candles from the tick streams (a process of its own; --help for options)", _candles),
+    "tail": ("follow symbols live: a table, or --json lines (--help for options)", _tail),
 }
 
 
