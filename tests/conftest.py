@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Iterator
 
 import pytest
@@ -33,3 +37,16 @@ def sim() -> Iterator[SimulatorThread]:
     """A fresh simulator per test, recording what it sends, ticking fast."""
     with SimulatorThread(SimConfig(rate_per_token=50.0, record=True)) as thread:
         yield thread
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left_running() -> Iterator[None]:
+    """A test that leaves a worker thread running fails here, by name, instead of disturbing the next ones."""
+    yield
+    deadline = time.monotonic() + 15
+    while any(t.name == "angelstream-worker" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [t for t in threading.enumerate() if t.name == "angelstream-worker"]
+    stacks = sys._current_frames()
+    where = ["".join(traceback.format_stack(stacks[t.ident])[-6:]) for t in left if t.ident in stacks]
+    assert not left, f"{len(left)} worker thread(s) still running after the test, at:\n" + "\n".join(where)

@@ -132,3 +132,13 @@ def test_the_master_is_indexed_in_redis_once_redis_is_back(sim: SimulatorThread)
             await client.aclose()
 
         asyncio.run(main())
+
+
+def test_a_worker_that_outlives_its_stop_timeout_is_reported(
+    sim: SimulatorThread, redis_server: LocalRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread = WorkerThread(worker_settings(sim, redis_server.url)).start()
+    thread.stop(timeout=0)  # the shutdown takes longer than no time at all
+    assert "the worker thread did not stop within 0 s" in caplog.text
+    thread.stop()
+    assert not thread._thread.is_alive()

@@ -279,6 +279,8 @@ class WorkerThread:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the worker thread did not stop within %.0f s", timeout)
 
     def __enter__(self) -> WorkerThread:
         return self.start()
