@@ -11,7 +11,7 @@ import pytest
 
 from tests.simclient import sim_login
 from worker import protocol as p
-from worker.feed import Credentials, Feed, FeedConfig, FeedConnection
+from worker.feed import Credentials, Feed, FeedConfig, FeedConnection, cancel_all
 from worker.simulator import SimConfig, SimulatorThread
 
 Events = list[tuple[str, dict[str, Any]]]
@@ -157,3 +157,32 @@ def test_unknown_text_from_the_server_is_reported() -> None:
     conn._on_text(p.PONG)
     conn._on_text("maintenance at 18:00")
     assert seen == [("feed_unknown_text", {"connection": "c", "text": "maintenance at 18:00"})]
+
+
+def test_cancel_all_insists_on_tasks_that_swallow_a_cancellation(caplog: pytest.LogCaptureFixture) -> None:
+    async def stubborn(limit: list[int]) -> None:
+        ignored = 0
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                ignored += 1
+                if ignored > limit[0]:
+                    raise
+
+    async def main() -> None:
+        once = asyncio.create_task(stubborn([1]), name="swallows-one")
+        await asyncio.sleep(0)
+        await cancel_all([once])
+        assert once.cancelled()
+        limit = [10**9]
+        mule = asyncio.create_task(stubborn(limit), name="mule")
+        await asyncio.sleep(0)
+        await cancel_all([mule], patience=0.25)
+        assert not mule.done()
+        limit[0] = 0
+        await cancel_all([mule])
+        assert mule.cancelled()
+
+    asyncio.run(main())
+    assert "1 task(s) ignored cancellation: mule" in caplog.text

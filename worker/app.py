@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from worker import angel, keys
 from worker import protocol as p
 from worker.control import Control
-from worker.feed import Credentials, Feed, FeedConfig
+from worker.feed import Credentials, Feed, FeedConfig, cancel_all
 from worker.health import HealthServer, Metrics
 from worker.instruments import InstrumentError, InstrumentIndex, load_instruments, publish_index
 from worker.normalize import Normalizer
@@ -232,9 +232,7 @@ class Worker:
             # One budget for the whole shutdown: close frames first (a quarter, at most 1 s), then the flush.
             deadline = asyncio.get_running_loop().time() + s.shutdown_timeout
             log.info("stopping: closing the feed, flushing %d buffered ticks", self.sink.buffered)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(tasks)
             await self.feed.close(timeout=min(1.0, s.shutdown_timeout / 4))
         with contextlib.suppress(redis.RedisError, OSError):
             await control_client.delete(keys.HEARTBEAT)  # stopped: `angelstream status` says so at once

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
@@ -269,6 +270,22 @@ class FeedConnection:
             self._on_event("feed_unknown_text", connection=self.name, text=message.text[:200])
 
 
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]], patience: float = 2.0) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again while any is left.
+
+    A library may swallow one CancelledError (redis-py's asyncio client can, inside a command),
+    which would leave the task running for ever; a second cancel reaches its next await.
+    """
+    pending = set(tasks)
+    deadline = asyncio.get_running_loop().time() + patience
+    while pending and asyncio.get_running_loop().time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    if pending:
+        log.error("%d task(s) ignored cancellation: %s", len(pending), ", ".join(t.get_name() for t in pending))
+
+
 def _kind(cause: str) -> str:
     """A disconnect's cause, as a metric label: closed, stalled or lost."""
     if cause.startswith("closed"):
@@ -365,6 +382,4 @@ class Feed:
         waiting = {loop.create_task(conn.close()) for conn in self.connections} | set(self._tasks)
         if waiting:
             _, pending = await asyncio.wait(waiting, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_all(pending)
