@@ -10,6 +10,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
+from tests.workerkit import FAULT_REPORT, fault_table
 from worker.localredis import LocalRedis
 from worker.simulator import SimConfig, SimulatorThread
 
@@ -50,3 +51,11 @@ def no_worker_left_running() -> Iterator[None]:
     stacks = sys._current_frames()
     where = ["".join(traceback.format_stack(stacks[t.ident])[-6:]) for t in left if t.ident in stacks]
     assert not left, f"{len(left)} worker thread(s) still running after the test, at:\n" + "\n".join(where)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault suite's figures: what each fault cost in ticks and time."""
+    if FAULT_REPORT:
+        terminalreporter.section("fault suite: ticks lost, duplicates, time to recover")
+        for line in fault_table():
+            terminalreporter.write_line(line)

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.workerkit import assert_tick_is, events, sent_to, ticks, wait_for, worker_settings
+from tests.workerkit import assert_tick_is, events, record_fault, sent_to, ticks, wait_for, worker_settings
 from worker import keys
 from worker.app import WorkerThread
 from worker.instruments import InstrumentIndex, bundled_master_path, generate_master, load_master_file
@@ -107,6 +108,7 @@ def test_a_subscription_written_only_to_the_hash_is_picked_up(
         wait_for(lambda: not on_wire(sim), what="GOLD unsubscribed without a command")
 
 
+@pytest.mark.faults
 def test_a_killed_worker_resumes_every_subscription_from_the_hash(
     sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis, tmp_path: Path
 ) -> None:
@@ -124,9 +126,12 @@ def test_a_killed_worker_resumes_every_subscription_from_the_hash(
         first.wait(5)
         wait_for(lambda: not sim.sim.connections, what="the dead worker's socket to close")
         counts = {k: redis_client.xlen(keys.ticks_for(k)) for k in want}
+        began = time.monotonic()
         second = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
         try:
             wait_for(lambda: on_wire(sim) == wire, timeout=20, what="every subscription restored")
+            wait_for(lambda: all(redis_client.xlen(keys.ticks_for(k)) > counts[k] for k in want), timeout=20)
+            record_fault("process: SIGKILL, restart", sim, redis_client, [], time.monotonic() - began)
             wait_for(lambda: all(redis_client.xlen(keys.ticks_for(k)) > counts[k] + 2 for k in want), timeout=20)
         finally:
             second.send_signal(signal.SIGTERM)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.workerkit import assert_tick_is, sent_to, ticks, wait_for
+from tests.workerkit import assert_tick_is, record_fault, sent_to, ticks, wait_for
 from worker import keys
 from worker.instruments import InstrumentIndex, bundled_master_path, load_master_file
 from worker.localredis import LocalRedis
@@ -81,6 +81,7 @@ def test_an_unreadable_instrument_master_exits_1_with_one_line(tmp_path: Path, r
     assert done.stderr.strip().splitlines()[-1].startswith("angelstream run: cannot read the instrument master")
 
 
+@pytest.mark.faults
 def test_sigterm_flushes_the_buffer_and_exits_0(tmp_path: Path, sim: SimulatorThread, redis_server: LocalRedis) -> None:
     """Redis is paused, so ticks pile up in the worker; SIGTERM must still write every one, then exit 0."""
     client = redis.Redis.from_url(redis_server.url)
@@ -106,6 +107,8 @@ def test_sigterm_flushes_the_buffer_and_exits_0(tmp_path: Path, sim: SimulatorTh
         proc.kill()
     assert proc.returncode == 0, stderr
     assert took < 5.0
+    insts = [INDEX.by_key[k] for k in want]
+    record_fault("process: SIGTERM with Redis paused", sim, client, insts, None)
     assert "all flushed" in stderr
     for key in want:
         inst = INDEX.by_key[key]

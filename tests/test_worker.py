@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 import redis
 
-from tests.workerkit import assert_tick_is, events, is_subsequence, sent_to, ticks, wait_for, worker_settings
+from tests.workerkit import (
+    assert_tick_is,
+    events,
+    is_subsequence,
+    record_fault,
+    sent_to,
+    ticks,
+    wait_for,
+    worker_settings,
+)
 from worker import keys
 from worker.app import WorkerThread
 from worker.client import get_latest_ticks
@@ -69,15 +78,25 @@ def connected_again(worker: WorkerThread) -> Callable[[], bool]:
     return lambda: conn.state == "connected" and conn.connects > before
 
 
-def settle(sim: SimulatorThread, worker: WorkerThread, client: redis.Redis, symbols: list[Instrument]) -> None:
-    """Silence the simulator and wait until the worker wrote everything it was sent."""
+def recovered(client: redis.Redis, key: str, began: float) -> float:
+    """Seconds from ``began`` until a tick arrives in ``key`` after the worker is connected again."""
+    n = client.xlen(keys.ticks_for(key))
+    wait_for(lambda: client.xlen(keys.ticks_for(key)) > n, timeout=15, what=f"a tick in {key} after the fault")
+    seconds = time.monotonic() - began
+    wait_for(lambda: client.xlen(keys.ticks_for(key)) > n + 3, what=f"ticks flowing in {key}")
+    return seconds
+
+
+def settle(
+    sim: SimulatorThread, worker: WorkerThread, client: redis.Redis, symbols: list[Instrument], dropped: int = 0
+) -> None:
+    """Silence the simulator and wait until the worker wrote everything it was sent (but ``dropped``)."""
     sim.sim.set_silent(True)
     time.sleep(0.1)  # frames in flight arrive
 
     def flushed() -> bool:
-        return worker.worker.sink.buffered == 0 and all(
-            client.xlen(keys.ticks_for(inst.key)) == len(sent_to(sim, inst)) for inst in symbols
-        )
+        written = sum(client.xlen(keys.ticks_for(inst.key)) for inst in symbols)
+        return worker.worker.sink.buffered == 0 and written + dropped == sum(len(sent_to(sim, i)) for i in symbols)
 
     wait_for(flushed, what="every sent tick in Redis")
 
@@ -256,20 +275,23 @@ def test_tick_normalization(sim: SimulatorThread, redis_client: redis.Redis, red
 # --------------------------------------------------------------------------- the feed's faults
 
 
+@pytest.mark.faults
 def test_reconnect_on_disconnect(sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis) -> None:
     """A clean close loses nothing: every frame before the close frame arrives."""
     with start(sim, redis_client, redis_server.url, {"NSE:SBIN-EQ": "quote", "NSE:INFY-EQ": "ltp"}) as worker:
         wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks")
+        began = time.monotonic()
         sim.inject("close")
         wait_for(lambda: worker.worker.feed.connections[0].connects == 2, what="a reconnect")
         assert "closed by the server" in events(redis_client, "feed_disconnected")[0]["cause"]
-        n = redis_client.xlen("ticks:NSE:SBIN-EQ")
-        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") > n + 3, what="ticks after the reconnect")
+        recovery = recovered(redis_client, "NSE:SBIN-EQ", began)
         settle(sim, worker, redis_client, [SBIN, INFY])
         assert_exactly_sent(sim, redis_client, SBIN)
         assert_exactly_sent(sim, redis_client, INFY)
+        record_fault("feed: clean close", sim, redis_client, [SBIN, INFY], recovery)
 
 
+@pytest.mark.faults
 def test_resubscribe_after_reconnect(sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis) -> None:
     """A TCP drop: reconnected, the full set resubscribed, nothing lost outside the outage."""
     want = {"NSE:SBIN-EQ": "snap_quote", "NSE:INFY-EQ": "quote", "CDS:USDINR29DEC26FUT": "ltp"}
@@ -281,14 +303,15 @@ def test_resubscribe_after_reconnect(sim: SimulatorThread, redis_client: redis.R
         wait_for(lambda: worker.worker.feed.connections[0].connects == 2, what="a reconnect")
         wait_for(lambda: subscribed_on_sim(sim) == before, what="the full set resubscribed")
         ended = time.monotonic()
-        n = redis_client.xlen("ticks:NSE:INFY-EQ")
-        wait_for(lambda: redis_client.xlen("ticks:NSE:INFY-EQ") > n + 3, what="ticks after the reconnect")
+        recovery = recovered(redis_client, "NSE:INFY-EQ", began)
         settle(sim, worker, redis_client, [SBIN, INFY, USDINR])
         for inst in (SBIN, INFY, USDINR):
             assert_no_loss_outside(sim, redis_client, inst, (began - 0.05, ended))
+        record_fault("feed: TCP drop", sim, redis_client, [SBIN, INFY, USDINR], recovery)
     assert len(before) == 3
 
 
+@pytest.mark.faults
 def test_a_silent_socket_is_detected_by_the_watchdog(
     sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
 ) -> None:
@@ -301,13 +324,14 @@ def test_a_silent_socket_is_detected_by_the_watchdog(
         )
         wait_for(lambda: not sim.sim.silent, what="the silence to end")
         wait_for(lambda: worker.worker.feed.connections[0].state == "connected", what="reconnected")
-        n = redis_client.xlen("ticks:NSE:SBIN-EQ")
-        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") > n + 3, timeout=15, what="ticks after the silence")
+        recovery = recovered(redis_client, "NSE:SBIN-EQ", began)
         ended = time.monotonic()
         settle(sim, worker, redis_client, [SBIN])
         assert_no_loss_outside(sim, redis_client, SBIN, (began, ended))
+        record_fault("feed: silent socket (watchdog)", sim, redis_client, [SBIN], recovery)
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("fault", ["truncate", "garbage"])
 def test_bad_frames_are_counted_and_the_connection_kept(
     fault: str, sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
@@ -325,8 +349,10 @@ def test_bad_frames_are_counted_and_the_connection_kept(
         assert worker.worker.feed.connections[0].connects == 1
         settle(sim, worker, redis_client, [SBIN])
         assert_exactly_sent(sim, redis_client, SBIN)
+        record_fault(f"feed: {fault} frames", sim, redis_client, [SBIN], None)
 
 
+@pytest.mark.faults
 def test_server_error_text_becomes_an_event(
     sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
 ) -> None:
@@ -338,28 +364,36 @@ def test_server_error_text_becomes_an_event(
         assert worker.worker.feed.connections[0].connects == 1
 
 
+@pytest.mark.faults
 def test_a_rotated_feed_token_means_a_fresh_login(
     sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
 ) -> None:
     """The rollover closes the socket; the next upgrade is refused with 401; the worker logs in again."""
     with start(sim, redis_client, redis_server.url, {"NSE:SBIN-EQ": "ltp"}) as worker:
         wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks")
+        began = time.monotonic()
         sim.inject("rotate")
         wait_for(lambda: worker.worker.logins == 2, what="a fresh login")
         wait_for(lambda: worker.worker.feed.connections[0].state == "connected", what="reconnected")
         causes = [e["cause"] for e in events(redis_client, "feed_reconnecting")]
         assert any("HTTP 401" in c for c in causes), causes
-        n = redis_client.xlen("ticks:NSE:SBIN-EQ")
-        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") > n + 3, what="ticks after the re-login")
+        recovery = recovered(redis_client, "NSE:SBIN-EQ", began)
+        settle(sim, worker, redis_client, [SBIN])
+        assert_exactly_sent(sim, redis_client, SBIN)  # the close frame came first: nothing in flight was lost
+        record_fault("feed: token rotated, 401, re-login", sim, redis_client, [SBIN], recovery)
     assert sim.sim.logins == 2
 
 
+@pytest.mark.faults
 def test_refused_upgrades_back_off_then_recover(
     sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
 ) -> None:
     sim.inject("refuse", count="4", status="429")
+    began = time.monotonic()
     with start(sim, redis_client, redis_server.url, {"NSE:SBIN-EQ": "ltp"}, reconnect_max=2.0) as worker:
-        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks after the refusals")
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 1, what="ticks after the refusals")
+        record_fault("feed: 4 upgrades refused (429)", sim, redis_client, [], time.monotonic() - began)
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="more ticks")
         reconnecting = events(redis_client, "feed_reconnecting")
         assert [e["attempt"] for e in reconnecting] == ["1", "2", "3", "4"]
         assert all("HTTP 429" in e["cause"] for e in reconnecting)
@@ -369,6 +403,7 @@ def test_refused_upgrades_back_off_then_recover(
     assert sim.sim.upgrades == 5
 
 
+@pytest.mark.faults
 def test_a_flapping_link_backs_off_instead_of_storming(
     sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
 ) -> None:
@@ -401,6 +436,7 @@ def test_the_daily_relogin_restarts_the_feed_with_a_fresh_session(
 # --------------------------------------------------------------------------- Redis faults, buffering, threads
 
 
+@pytest.mark.faults
 def test_tick_buffering(sim: SimulatorThread, redis_client: redis.Redis) -> None:
     """Redis restarts mid-stream: the worker keeps the feed, buffers, and writes everything in order."""
     with LocalRedis("--appendonly", "yes") as own:  # persistent, as deployed: the restart keeps the streams
@@ -408,17 +444,20 @@ def test_tick_buffering(sim: SimulatorThread, redis_client: redis.Redis) -> None
         with start(sim, client, own.url, {"NSE:SBIN-EQ": "quote", "NSE:INFY-EQ": "snap_quote"}) as worker:
             wait_for(lambda: client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks")
             own.stop()
+            began = time.monotonic()
             wait_for(lambda: worker.worker.sink.buffered >= 20, what="ticks buffered while Redis is down")
             assert not worker.worker.sink.stats.redis_ok
             own.start()
             client = redis.Redis.from_url(own.url)
             wait_for(lambda: worker.worker.sink.stats.redis_ok, what="the writer to recover")
+            recovery = time.monotonic() - began
             settle(sim, worker, client, [SBIN, INFY])
             assert_exactly_sent(sim, client, SBIN)
             assert_exactly_sent(sim, client, INFY)
             assert worker.worker.sink.stats.dropped == 0
             assert worker.worker.feed.connections[0].connects == 1, "Redis trouble never touches the feed"
             assert events(client, "redis_recovered")
+            record_fault("redis: restart mid-stream", sim, client, [SBIN, INFY], recovery)
         client.close()
 
 
@@ -481,3 +520,62 @@ def test_concurrent_subscribe(sim: SimulatorThread, redis_client: redis.Redis, r
         wait_for(lambda: subscribed_on_sim(sim) == wire, what="all 30 on the wire")
         wait_for(lambda: all(redis_client.xlen(keys.ticks_for(k)) >= 1 for k in everything), what="ticks for all")
         assert worker.worker.feed.connections[0].connects == 1
+
+
+@pytest.mark.faults
+def test_a_paused_redis_fills_the_bounded_buffer_drops_the_oldest_and_says_so(sim: SimulatorThread) -> None:
+    """CLIENT PAUSE (a stuck Redis): memory stays bounded; every drop is counted and reported; the rest is written."""
+    with LocalRedis() as own:
+        client = redis.Redis.from_url(own.url)
+        want = {"NSE:SBIN-EQ": "quote", "NSE:INFY-EQ": "quote"}
+        with start(sim, client, own.url, want, buffer_max=30) as worker:
+            wait_for(lambda: client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks")
+            began = time.monotonic()
+            client.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
+            wait_for(lambda: worker.worker.sink.stats.dropped > 0, what="the buffer to overflow")
+            assert worker.worker.sink.buffered <= 30
+            wait_for(lambda: worker.worker.sink.stats.redis_ok and worker.worker.sink.buffered == 0, what="drained")
+            recovery = time.monotonic() - began
+            settle(sim, worker, client, [SBIN, INFY], dropped=worker.worker.sink.stats.dropped)
+            figures = record_fault("redis: paused 2.5 s, buffer of 30", sim, client, [SBIN, INFY], recovery)
+            assert figures.lost == worker.worker.sink.stats.dropped, "exactly the dropped ticks are missing"
+            assert figures.duplicates == 0
+            dropped = events(client, "ticks_dropped")
+            assert sum(int(e["count"]) for e in dropped) == worker.worker.sink.stats.dropped
+        client.close()
+
+
+@pytest.mark.faults
+def test_a_full_redis_refuses_writes_until_there_is_room_and_nothing_is_lost(sim: SimulatorThread) -> None:
+    with LocalRedis("--maxmemory-policy", "noeviction") as own:
+        client = redis.Redis.from_url(own.url)
+        with start(sim, client, own.url, {"NSE:SBIN-EQ": "snap_quote"}) as worker:
+            wait_for(lambda: client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks")
+            began = time.monotonic()
+            client.config_set("maxmemory", 1)  # full: every XADD answers OOM
+            wait_for(lambda: worker.worker.sink.buffered > 5, what="ticks held while Redis is full")
+            client.config_set("maxmemory", 0)
+            wait_for(lambda: worker.worker.sink.buffered == 0, what="the backlog written")
+            recovery = time.monotonic() - began
+            settle(sim, worker, client, [SBIN])
+            assert_exactly_sent(sim, client, SBIN)
+            record_fault("redis: maxmemory reached", sim, client, [SBIN], recovery)
+        client.close()
+
+
+@pytest.mark.faults
+def test_a_worker_started_before_redis_waits_for_it(sim: SimulatorThread) -> None:
+    server = LocalRedis()  # not started: connection refused
+    with start(sim, redis.Redis(), server.url, {}) as worker:
+        began = time.monotonic()
+        time.sleep(0.5)
+        assert worker.worker.control is not None
+        assert worker.worker.control.stats.pubsub_reconnects > 0
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        client.hset(keys.SUBSCRIPTIONS, "NSE:SBIN-EQ", "ltp")
+        client.publish(keys.CONTROL, json.dumps({"action": "resync", "request_id": "r"}))
+        wait_for(lambda: client.xlen("ticks:NSE:SBIN-EQ") > 0, timeout=15, what="ticks once Redis is there")
+        record_fault("redis: refused at start", sim, client, [], time.monotonic() - began)
+    server.stop()
+    client.close()

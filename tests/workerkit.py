@@ -133,3 +133,42 @@ def assert_tick_is(tick: Tick, packet: TickPacket, inst: Instrument) -> None:
     else:
         assert tick.bids is None
         assert tick.oi is None
+
+
+@dataclass(frozen=True)
+class FaultFigures:
+    """What one fault cost, for the table printed at the end of the run (and kept in the README)."""
+
+    case: str
+    sent: int  # ticks the simulator sent for the symbols checked
+    written: int  # entries in their streams
+    lost: int  # sent but never written (must be 0, or within the outage window / buffer bound)
+    duplicates: int  # written more than once (must be 0)
+    recovery_s: float | None  # from the fault to the first tick written after it
+
+
+FAULT_REPORT: list[FaultFigures] = []
+
+
+def record_fault(
+    case: str, sim: SimulatorThread, client: redis.Redis, insts: Iterable[Instrument], recovery_s: float | None
+) -> FaultFigures:
+    sent = written = unique = delivered = 0
+    for inst in insts:
+        got = [(t.seq, t.exch_ts) for t in ticks(client, inst.key)]
+        keys_sent = {(s.packet.sequence_number, s.packet.exchange_timestamp) for s in sent_to(sim, inst)}
+        sent += len(keys_sent)
+        written += len(got)
+        unique += len(set(got))
+        delivered += len(set(got) & keys_sent)
+    figures = FaultFigures(case, sent, written, sent - delivered, written - unique, recovery_s)
+    FAULT_REPORT.append(figures)
+    return figures
+
+
+def fault_table() -> list[str]:
+    lines = ["| fault | ticks sent | written | lost | duplicates | recovered in |", "|---|---|---|---|---|---|"]
+    for f in FAULT_REPORT:
+        recovered = "-" if f.recovery_s is None else f"{f.recovery_s:.2f} s"
+        lines.append(f"| {f.case} | {f.sent} | {f.written} | {f.lost} | {f.duplicates} | {recovered} |")
+    return lines
