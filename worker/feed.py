@@ -91,7 +91,8 @@ class FeedConnection:
         self.state = "idle"  # idle, connecting, connected, backoff, closed
         self.connects = 0
         self.reconnects = 0
-        self.last_frame_at = 0.0  # time.time() of the last frame of any kind
+        self._last_us = 0  # epoch µs of the last frame of any kind (data, pong, error text)
+        self._stalled = False
         self.last_error = ""
         self.causes: dict[str, int] = {}  # why connections ended or failed, by kind (metrics)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -200,10 +201,11 @@ class FeedConnection:
         started = time.monotonic()
         self.connects += 1
         self.state = "connected"
-        self.last_frame_at = time.time()
+        self._last_us = time.time_ns() // 1000
+        self._stalled = False
         log.info("%s: connected to %s; subscribing %d tokens", self.name, self.config.url, len(self.desired))
         self._on_event("feed_connected", connection=self.name, tokens=len(self.desired))
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(ws))
+        heartbeat = asyncio.get_running_loop().create_task(self._keepalive(ws))
         try:
             async with self._lock:
                 self._ws = ws
@@ -227,32 +229,44 @@ class FeedConnection:
             raise FeedError(cause)
         log.warning("%s: %s; reconnecting", self.name, cause)
 
-    async def _heartbeat(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    @property
+    def last_frame_at(self) -> float:
+        """time.time() of the last frame of any kind."""
+        return self._last_us / 1e6
+
+    async def _keepalive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Text pings every ``heartbeat_interval``; the stall watchdog closes a socket mute for ``stall_timeout``.
+
+        Watching from here keeps the read loop free of a timer per message (aiohttp's receive
+        timeout costs a TimerHandle per frame, a sixth of the loop's time under load).
+        """
+        heartbeat, stall = self.config.heartbeat_interval, self.config.stall_timeout
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + heartbeat
         with contextlib.suppress(ConnectionError, aiohttp.ClientError):
             while True:
-                await asyncio.sleep(self.config.heartbeat_interval)
-                await ws.send_str(p.PING)
+                await asyncio.sleep(max(0.001, min(stall / 4, next_ping - loop.time())))
+                if time.time_ns() // 1000 - self._last_us > stall * 1_000_000:
+                    self._stalled = True
+                    await ws.close(code=1000, message=b"no frame: reconnecting")
+                    return
+                if loop.time() >= next_ping:
+                    await ws.send_str(p.PING)
+                    next_ping = loop.time() + heartbeat
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> str:
         """Hand every frame on until the connection ends; returns why it ended."""
-        stall = self.config.stall_timeout
         on_frame = self._on_frame
-        loop = asyncio.get_running_loop()
-        last = loop.time()
         while True:
-            left = last + stall - loop.time()
-            try:  # (aiohttp reads a timeout of 0 as "none": never pass it)
-                msg = await ws.receive(timeout=max(left, 0.001))
-            except TimeoutError:
-                return f"stalled: no frame for {stall:g} s"
-            last = loop.time()
+            msg = await ws.receive()
             if msg.type == aiohttp.WSMsgType.BINARY:
-                now_us = time.time_ns() // 1000
-                self.last_frame_at = now_us / 1e6
+                self._last_us = now_us = time.time_ns() // 1000
                 on_frame(msg.data, now_us)
             elif msg.type == aiohttp.WSMsgType.TEXT:
-                self.last_frame_at = time.time()
+                self._last_us = time.time_ns() // 1000
                 self._on_text(msg.data)
+            elif self._stalled:
+                return f"stalled: no frame for {self.config.stall_timeout:g} s"
             elif msg.type == aiohttp.WSMsgType.CLOSE:
                 return f"closed by the server (code {msg.data}{': ' + msg.extra if msg.extra else ''})"
             else:  # CLOSING, CLOSED, ERROR: the link is gone

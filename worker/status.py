@@ -20,7 +20,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "live", "stale", "rejected")
+LAST_TICK_RESOLUTION_MS = 10_000
+CHUNK = 500  # symbols serialized and written per step, so the event loop is never held long
 
 
 @dataclass
@@ -48,7 +50,19 @@ class SymbolState:
     reason: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v not in ("", None)}, separators=(",", ":"))
+        """Compact JSON without empty fields; ``last_tick`` to the 10 s, so a live symbol is rewritten
+        every 10 s, not every interval (the stream itself holds each tick's exact time)."""
+        out: dict[str, str | int] = {"state": self.state}
+        if self.mode:
+            out["mode"] = self.mode
+        if self.token:
+            out["token"] = self.token
+        out["since"] = self.since
+        if self.last_tick is not None:
+            out["last_tick"] = self.last_tick - self.last_tick % LAST_TICK_RESOLUTION_MS
+        if self.reason:
+            out["reason"] = self.reason
+        return json.dumps(out, separators=(",", ":"))
 
 
 class Status:
@@ -63,6 +77,7 @@ class Status:
         self._written: dict[str, str] = {}  # what the state hash holds now
         self._last_written_count = 0
         self._last_at = time.monotonic()
+        self._ttl = max(3, math.ceil(interval * 3))
 
     # ------------------------------------------------------------------ computing
 
@@ -134,18 +149,24 @@ class Status:
     # ------------------------------------------------------------------ writing
 
     async def publish(self) -> None:
-        """Write what changed in the state hash, and the heartbeat."""
+        """Write what changed in the state hash (in chunks, yielding to the loop between them), and the heartbeat."""
         now_ms = int(time.time() * 1000)
-        current = {key: state.to_json() for key, state in self.compute(now_ms).items()}
-        changed = {key: value for key, value in current.items() if self._written.get(key) != value}
+        states = list(self.compute(now_ms).items())
+        current: dict[str, str] = {}
+        for start in range(0, len(states), CHUNK):
+            changed: dict[str, str] = {}
+            for key, state in states[start : start + CHUNK]:
+                current[key] = value = state.to_json()
+                if self._written.get(key) != value:
+                    changed[key] = value
+            if changed:
+                await self.client.hset(keys.STATE, mapping=changed)  # type: ignore[arg-type]
+            await asyncio.sleep(0)
         gone = [key for key in self._written if key not in current]
-        beat = json.dumps(self.heartbeat(now_ms), separators=(",", ":"))
         pipe = self.client.pipeline(transaction=False)
-        if changed:
-            pipe.hset(keys.STATE, mapping=changed)  # type: ignore[arg-type]
         if gone:
             pipe.hdel(keys.STATE, *gone)
-        pipe.set(keys.HEARTBEAT, beat, ex=max(3, math.ceil(self.interval * 3)))
+        pipe.set(keys.HEARTBEAT, json.dumps(self.heartbeat(now_ms), separators=(",", ":")), ex=self._ttl)
         await pipe.execute()
         self._written = current
 
