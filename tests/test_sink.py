@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 import redis
 from redis.backoff import NoBackoff
-from redis.client import Pipeline
+from redis.connection import Connection
 from redis.retry import Retry
 
 from worker import keys, sink
@@ -79,38 +79,34 @@ def server() -> Iterator[LocalRedis]:
         yield srv
 
 
-class FlakyPipeline(Pipeline):
-    """A real pipeline; ``plan`` says how each execute goes: "ok", "before" (fails unsent), "after" (fails once run)."""
+class FlakyConnection(Connection):
+    """A real connection; ``plan`` says how each XADD round trip goes: "ok", "before" (fails unsent),
+    "after" (Redis ran every command, then the link broke before the replies were read)."""
 
-    plan: list[str]
+    def __init__(self, *args: Any, plan: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.plan = plan
+        self.broken = False
 
-    def execute(self, raise_on_error: bool = True) -> list[Any]:
-        step = self.plan.pop(0) if self.plan else "ok"
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        xadd = b"XADD" in b"".join(command)[:32]
+        step = self.plan.pop(0) if xadd and self.plan else "ok"
         if step == "before":
-            self.reset()
-            raise redis.ConnectionError("injected: connection lost before the pipeline was sent")
-        result: list[Any] = super().execute(raise_on_error)
+            raise redis.ConnectionError("injected: connection lost before the commands were sent")
+        super().send_packed_command(command, check_health)
         if step == "after":
-            raise redis.ConnectionError("injected: connection lost after Redis ran the pipeline")
-        return result
+            self.broken = True
 
-
-class FlakyRedis(redis.Redis):
-    plan: list[str]
-
-    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
-        pipe = FlakyPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
-        pipe.plan = self.plan
-        return pipe
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if self.broken:
+            self.broken = False
+            self.disconnect()
+            raise redis.ConnectionError("injected: connection lost after Redis ran the commands")
+        return super().read_response(*args, **kwargs)
 
 
 def flaky_factory(url: str, plan: list[str]) -> Callable[[], redis.Redis]:
-    def make() -> redis.Redis:
-        client = cast(FlakyRedis, fast_client(url, FlakyRedis))
-        client.plan = plan
-        return client
-
-    return make
+    return lambda: fast_client(url, connection_class=FlakyConnection, plan=plan)
 
 
 # ---------------------------------------------------------------------------------------------- IDs, batches

@@ -21,8 +21,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
+from hiredis import pack_command
+from redis.connection import Connection
 
 from worker import keys
 from worker.normalize import Fields
@@ -82,6 +85,7 @@ class Sink:
         self._deadline = float("inf")
         self._last_ids: dict[str, tuple[int, int]] = {}
         self._dropped_unreported = 0
+        self._conn: Connection | None = None  # the writer's own connection (the writer thread only)
         self.written_by_stream: dict[str, int] = {}  # ticks written per stream (metrics)
         #: on_batch(size, XADD round trip in s, receive ms of the batch's oldest tick or None): the metrics' hook
         self.on_batch: Callable[[int, float, int | None], None] | None = None
@@ -193,17 +197,14 @@ class Sink:
                 self.stats.redis_ok = True
                 log.info("redis writes recovered; %d ticks still buffered", len(self._ticks))
                 self.event("redis_recovered", buffered=len(self._ticks), dropped=self.stats.dropped)
+        if self._conn is not None:
+            client.connection_pool.release(self._conn)
         client.close()
 
     def _write(self, client: redis.Redis, batch: list[Entry], retry: bool) -> list[Entry]:
         """Send one pipeline; returns the entries to try again."""
-        pipe = client.pipeline(transaction=False)
-        for entry in batch:
-            pipe.execute_command(  # type: ignore[no-untyped-call]
-                "XADD", entry.stream, "MAXLEN", "~", entry.maxlen, entry.id, *entry.fields
-            )
         began = time.perf_counter()
-        results = pipe.execute(raise_on_error=False)
+        results = self._roundtrip(client, batch)
         if self.on_batch is not None:
             oldest = min((e.ms for e in batch if e.stream != keys.EVENTS), default=None)
             self.on_batch(len(batch), time.perf_counter() - began, oldest)
@@ -240,9 +241,33 @@ class Sink:
         self.stats.last_write_at = time.time()
         return again
 
+    def _roundtrip(self, client: redis.Redis, batch: list[Entry]) -> list[Any]:
+        """One round trip, non-transactional: every XADD packed in C (hiredis), one write, then the replies
+        in order (an error reply is returned, not raised). redis-py's pipeline packs and parses in Python:
+        under load it cost the writer most of its time, with the event loop's thread holding the GIL."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = client.connection_pool.get_connection()
+        packed = b"".join(
+            [pack_command(("XADD", e.stream, "MAXLEN", "~", e.maxlen, e.id, *e.fields)) for e in batch]  # type: ignore[arg-type]
+        )
+        try:
+            conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
+            return [_reply(conn) for _ in batch]
+        except Exception:  # the connection's state is unknown: the next round trip reconnects
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise
+
     def _count(self, entry: Entry) -> None:
         if entry.stream == keys.EVENTS:
             self.stats.events_written += 1
         else:
             self.stats.written += 1
             self.written_by_stream[entry.stream] = self.written_by_stream.get(entry.stream, 0) + 1
+
+
+def _reply(conn: Connection) -> Any:
+    try:
+        return conn.read_response()
+    except redis.ResponseError as exc:  # this entry's answer; the ones after it are still to be read
+        return exc
