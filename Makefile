@@ -33,9 +33,10 @@ demo: $(STAMP)
 sim: $(STAMP)
 	$(BIN)/angelstream sim
 
-## bench: decode speed, our codec against the SDK's parser
+## bench: the end-to-end benchmark (private Redis, simulator, the real worker; ~4 min) and decode speed
 bench: $(STAMP)
 	$(BIN)/python -m bench.decode
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache .hypothesis *.egg-info

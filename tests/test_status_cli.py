@@ -108,3 +108,10 @@ def test_config_prints_every_setting_with_secrets_and_passwords_masked(
 def test_tail_takes_its_own_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tail", "nocolon"]) == 1
     assert "EXCHANGE:SYMBOL" in capsys.readouterr().err
+
+
+def test_bench_takes_its_own_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--help"])
+    assert done.value.code == 0
+    assert "--quick" in capsys.readouterr().out

@@ -513,10 +513,17 @@ def _tail(argv: Sequence[str]) -> int:
     return tail_main(argv)
 
 
+def _bench(argv: Sequence[str]) -> int:
+    from bench.e2e import main as bench_main  # noqa: PLC0415 - loaded only when asked for
+
+    return bench_main(argv)
+
+
 #: Commands that parse their own options: ``angelstream NAME …`` is ``NAME``'s own ``main(…)``.
 _PASS_THROUGH: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "candles": ("build OHLCV candles from the tick streams (a process of its own; --help for options)", _candles),
     "tail": ("follow symbols live: a table, or --json lines (--help for options)", _tail),
+    "bench": ("the end-to-end benchmark: ceiling, naive baseline, angelstream, latency (--quick, --help)", _bench),
 }
 
 

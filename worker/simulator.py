@@ -13,6 +13,12 @@ One HTTP server on loopback plays both of Angel's hosts:
 
 Fault knobs (methods here, ``POST /sim/faults/<name>`` at run time, ``--fault`` on the command
 line): close, drop, silence, truncate, garbage, error, rotate, refuse.
+
+Blast mode (``SimConfig(blast=True)`` or :meth:`Simulator.set_blast`), for the benchmark: instead of
+the random walk, each connection cycles through pre-encoded, pre-framed packets of its
+subscriptions (:data:`BLAST_VARIANTS` distinct packets each, so no packet ever repeats the previous
+one of its token and mode) as fast as the socket drains, or at ``blast_rate`` frames per second;
+``blast_frames`` counts what was written.
 """
 
 from __future__ import annotations
@@ -54,6 +60,17 @@ DEFAULT_TOTP_SECRET = "ANGELSTREAMSIMULATORTOTPSECRETAB"
 
 FAULTS = ("close", "drop", "silence", "truncate", "garbage", "error", "rotate", "refuse")
 
+#: Blast mode: distinct packets per subscription in a connection's cycle.
+BLAST_VARIANTS = 4
+#: Blast mode at full speed: bytes handed to the socket per write, and the unsent bytes at which it waits.
+BLAST_CHUNK = 64 * 1024
+BLAST_BUFFER = 256 * 1024
+#: Blast mode at a fixed rate: past this many unsent bytes, frames that fall due are skipped (not counted).
+BLAST_BACKLOG_MAX = 4 * 1024 * 1024
+#: Blast mode: seconds between writes at a fixed rate, and between checks while idle.
+BLAST_TICK = 0.001
+BLAST_IDLE = 0.01
+
 
 @dataclass
 class SimConfig:
@@ -72,6 +89,8 @@ class SimConfig:
     strict_auth: bool = True  # also require the JWT and API key at the upgrade (the documented rule)
     depth20: bool = True  # False: Depth-20 is deprecated (subscriptions accepted, no data)
     record: bool = False  # keep every packet sent, for tests
+    blast: bool = False  # start in blast mode (pre-encoded frames in a tight loop; no random walk)
+    blast_rate: float = 0.0  # blast mode: frames per second per connection; 0: as fast as the socket drains
 
 
 # --------------------------------------------------------------------------- market model
@@ -183,6 +202,7 @@ class SimConnection:
     ws: web.WebSocketResponse
     transport: asyncio.Transport
     subscriptions: dict[tuple[int, int, str], None] = field(default_factory=dict)  # (mode, exch, token)
+    version: int = 0  # bumped by every subscribe/unsubscribe request (blast mode rebuilds its cycle)
 
 
 @dataclass(frozen=True)
@@ -215,6 +235,11 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.blasting = self.config.blast
+        self.blast_rate = self.config.blast_rate
+        self.blast_frames = 0  # frames written in blast mode, all connections
+        self._blast_epoch = 0  # bumped by set_blast: each connection restarts its pacing
+        self._blast_cache: dict[tuple[int, int, str], tuple[bytes, ...]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -270,10 +295,11 @@ class Simulator:
             await self._runner.cleanup()
             self._runner = None
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def schedule_fault(self, name: str, every: float) -> None:
         """Inject fault ``name`` every ``every`` seconds (the ``--fault NAME:SECONDS`` option)."""
@@ -301,7 +327,7 @@ class Simulator:
         start = 0
         while True:
             began = time.monotonic()
-            if not self.silent:
+            if not self.silent and not self.blasting:
                 subscribers: dict[tuple[int, str], list[tuple[SimConnection, int]]] = {}
                 for conn in self.connections:
                     for mode, exchange_type, token in conn.subscriptions:
@@ -326,6 +352,86 @@ class Simulator:
             await conn.ws.send_bytes(p.encode(packet))
             if self.config.record:
                 self.sent.append(Sent(conn.id, packet, snapshot, time.monotonic()))
+
+    # ------------------------------------------------------------------ blast mode
+
+    def set_blast(self, enabled: bool, rate: float | None = None) -> None:
+        """Blast mode on or off; ``rate``: frames per second per connection (0: as fast as possible)."""
+        self.blasting = enabled
+        if rate is not None:
+            self.blast_rate = rate
+        self._blast_epoch += 1
+
+    def blast_frames_for(self, mode: int, exchange_type: int, token: str) -> tuple[bytes, ...]:
+        """The :data:`BLAST_VARIANTS` WebSocket frames cycled for one subscription (built once, then kept)."""
+        key = (mode, exchange_type, token)
+        frames = self._blast_cache.get(key)
+        if frames is None:
+            market = self.market(self.index.by_token[(exchange_type, token)])
+            stamp = int(time.time() * 1000)
+            built = []
+            for variant in range(BLAST_VARIANTS):
+                market.step()
+                packet = market.packet(mode)  # a distinct exchange timestamp: never equal to its neighbours
+                built.append(ws_binary_frame(p.encode(packet._replace(exchange_timestamp=stamp + variant))))
+            frames = self._blast_cache[key] = tuple(built)
+        return frames
+
+    def _blast_cycle(self, conn: SimConnection) -> tuple[bytes, list[int]]:
+        """All of ``conn``'s blast frames back to back, and where each starts (plus the end)."""
+        wanted = [
+            pair
+            for pair in conn.subscriptions
+            if (pair[1], pair[2]) in self.index.by_token and (pair[0] != p.Mode.DEPTH_20 or self.config.depth20)
+        ]
+        per_pair = [self.blast_frames_for(*pair) for pair in wanted]
+        frames = [variants[v] for v in range(BLAST_VARIANTS) for variants in per_pair]
+        offsets = [0]
+        for frame in frames:
+            offsets.append(offsets[-1] + len(frame))
+        return b"".join(frames), offsets
+
+    async def _blast(self, conn: SimConnection) -> None:
+        """One connection's blast loop (cancelled when the connection ends); idle while off or silent."""
+        transport = conn.transport
+        version, epoch = -1, -1
+        cycle, offsets = b"", [0]
+        position = sent = 0
+        started = 0.0
+        while True:
+            if not self.blasting or self.silent or transport.is_closing():
+                epoch = -1
+                await asyncio.sleep(BLAST_IDLE)
+                continue
+            if conn.version != version:
+                version = conn.version
+                cycle, offsets = self._blast_cycle(conn)
+                position = 0
+            count = len(offsets) - 1
+            if not count:
+                await asyncio.sleep(BLAST_IDLE)
+                continue
+            if epoch != self._blast_epoch:
+                epoch, started, sent = self._blast_epoch, time.monotonic(), 0
+            backlog = transport.get_write_buffer_size()
+            if self.blast_rate > 0:  # what is due by now; skipped (not counted) if the reader is far behind
+                due = min(count, int((time.monotonic() - started) * self.blast_rate) - sent)
+                sent += due
+                if backlog >= BLAST_BACKLOG_MAX:
+                    due = 0
+                pause = BLAST_TICK
+            elif backlog < BLAST_BUFFER:
+                due, pause = max(1, BLAST_CHUNK * count // len(cycle)), 0.0
+            else:
+                due, pause = 0, BLAST_TICK
+            self.blast_frames += due
+            view = memoryview(cycle)
+            while due > 0:
+                end = min(count, position + due)
+                transport.write(view[offsets[position] : offsets[end]])
+                due -= end - position
+                position = end % count
+            await asyncio.sleep(pause)
 
     # ------------------------------------------------------------------ the socket
 
@@ -373,6 +479,7 @@ class Simulator:
         self._next_id += 1
         conn = SimConnection(self._next_id, client_code, ws, transport)
         self.connections.append(conn)
+        blaster = self._spawn(self._blast(conn))
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
@@ -380,6 +487,7 @@ class Simulator:
                 elif msg.type == WSMsgType.PING and not self.silent:
                     await ws.pong(msg.data)
         finally:
+            blaster.cancel()
             self.connections.remove(conn)
         return ws
 
@@ -408,6 +516,7 @@ class Simulator:
         if request.action == p.Action.UNSUBSCRIBE:
             for pair in pairs:
                 conn.subscriptions.pop(pair, None)
+            conn.version += 1
             return
         new = [pair for pair in dict.fromkeys(pairs) if pair not in conn.subscriptions]
         if len(conn.subscriptions) + len(new) > self.config.max_tokens:
@@ -417,6 +526,7 @@ class Simulator:
             return
         for pair in new:
             conn.subscriptions[pair] = None
+        conn.version += 1
         # Angel answers a subscription with the instrument's current state (a snapshot).
         for mode, ex, token in new:
             inst = self.index.by_wire(ex, token)
@@ -595,6 +705,15 @@ class Simulator:
         except ValueError as exc:
             return web.json_response({"ok": False, "error": str(exc)}, status=400)
         return web.json_response({"ok": True, "fault": name})
+
+
+def ws_binary_frame(payload: bytes) -> bytes:
+    """``payload`` as one unmasked, final, binary WebSocket frame (server to client, RFC 6455 §5.2)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x82, size)) + payload
+    assert size < 1 << 16, "SmartStream packets are at most 443 bytes"
+    return bytes((0x82, 126)) + size.to_bytes(2, "big") + payload
 
 
 def _correlation(text: str) -> str:

@@ -1,0 +1,66 @@
+"""``python -m bench.probed_worker run``: the real worker, optionally with the writer's acknowledgements timed.
+
+Without ``$BENCH_LATENCY_FILE`` it is ``python -m worker run`` and nothing else. ``$BENCH_PRELOAD``
+(comma-separated modules) is imported first: a way to try a hot-path change (a module that
+monkeypatches the worker) with the very same benchmark, without touching ``worker/``.
+
+With ``$BENCH_LATENCY_FILE``, the worker's code is still unchanged; this entry point wraps
+``Sink._write`` (one pipeline: send, wait for every reply) so that, for each tick it wrote, it
+records the epoch µs at which the pipeline's replies were back (``execute()`` returned) and that
+time minus the tick's ``recv_ts`` (the worker's clock when the frame came off the WebSocket):
+**frame received → XADD acknowledged**, as the worker sees it, including the queue, the batch
+wait and the Redis round trip.
+
+The samples go to ``$BENCH_LATENCY_FILE`` when the worker exits: int64 pairs (ack µs, latency µs).
+Costs about half a µs per tick, so throughput is measured with the plain ``python -m worker``.
+"""
+
+from __future__ import annotations
+
+import array
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from worker import keys
+from worker.cli import main
+from worker.sink import Sink
+
+_samples = array.array("q")  # ack µs, latency µs, ack µs, latency µs, …
+
+
+def _timed(write: Callable[..., Any]) -> Callable[..., Any]:
+    def timed_write(self: Sink, *args: Any, **kwargs: Any) -> Any:
+        again = write(self, *args, **kwargs)
+        now = time.time_ns() // 1000
+        retried = {id(entry) for entry in again} if again else ()
+        for entry in args[1]:  # (client, batch, retry)
+            if entry.stream != keys.EVENTS and id(entry) not in retried:
+                fields = entry.fields
+                recv_us = fields[fields.index("recv_ts") + 1]
+                _samples.append(now)
+                _samples.append(now - int(recv_us))
+        return again
+
+    return timed_write
+
+
+def run(argv: list[str]) -> int:
+    for module in filter(None, os.environ.get("BENCH_PRELOAD", "").split(",")):
+        importlib.import_module(module)
+    path = os.environ.get("BENCH_LATENCY_FILE")
+    if not path:
+        return main(argv)
+    Sink._write = _timed(Sink._write)  # type: ignore[method-assign]
+    try:
+        return main(argv)
+    finally:
+        with open(path, "wb") as out:
+            _samples.tofile(out)
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
