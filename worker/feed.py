@@ -93,6 +93,7 @@ class FeedConnection:
         self.reconnects = 0
         self._last_us = 0  # epoch µs of the last frame of any kind (data, pong, error text)
         self._stalled = False
+        self._stall_close: asyncio.Task[bool] | None = None
         self.last_error = ""
         self.causes: dict[str, int] = {}  # why connections ended or failed, by kind (metrics)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -247,8 +248,8 @@ class FeedConnection:
             while True:
                 await asyncio.sleep(max(0.001, min(stall / 4, next_ping - loop.time())))
                 if time.time_ns() // 1000 - self._last_us > stall * 1_000_000:
-                    self._stalled = True
-                    await ws.close(code=1000, message=b"no frame: reconnecting")
+                    self._stalled = True  # the read loop sees the close and reports the stall
+                    self._stall_close = loop.create_task(ws.close(code=1000, message=b"no frame: reconnecting"))
                     return
                 if loop.time() >= next_ping:
                     await ws.send_str(p.PING)
