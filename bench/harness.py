@@ -133,7 +133,7 @@ class WorkerProcess:
         return code
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+def _die_with_parent() -> None:  # runs in the child, between fork and exec
     """The worker gets SIGTERM if the benchmark dies, so a crashed run leaves no worker behind (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
