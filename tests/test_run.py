@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -89,7 +90,7 @@ def test_sigterm_flushes_the_buffer_and_exits_0(tmp_path: Path, sim: SimulatorTh
     want = {"NSE:SBIN-EQ": "snap_quote", "NSE:INFY-EQ": "quote", "NFO:NIFTY29DEC26FUT": "ltp"}
     for key, mode in want.items():
         client.hset(keys.SUBSCRIPTIONS, key, mode)
-    env = sim_env(sim, redis_server.url)
+    env = sim_env(sim, redis_server.url) | {"LOG_FORMAT": "json"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker", "run"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
     )
@@ -109,7 +110,9 @@ def test_sigterm_flushes_the_buffer_and_exits_0(tmp_path: Path, sim: SimulatorTh
     assert took < 5.0
     insts = [INDEX.by_key[k] for k in want]
     record_fault("process: SIGTERM with Redis paused", sim, client, insts, None)
-    assert "all flushed" in stderr
+    lines = [json.loads(line) for line in stderr.splitlines()]  # every line one JSON object
+    assert all(set(line) >= {"ts", "level", "logger", "msg"} for line in lines)
+    assert any("all flushed" in line["msg"] for line in lines)
     for key in want:
         inst = INDEX.by_key[key]
         got, sent = ticks(client, key), sent_to(sim, inst)
