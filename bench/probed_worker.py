@@ -5,8 +5,8 @@ Without ``$BENCH_LATENCY_FILE`` it is ``python -m worker run`` and nothing else.
 monkeypatches the worker) with the very same benchmark, without touching ``worker/``.
 
 With ``$BENCH_LATENCY_FILE``, the worker's code is still unchanged; this entry point wraps
-``Sink._write`` (one pipeline: send, wait for every reply) so that, for each tick it wrote, it
-records the epoch µs at which the pipeline's replies were back (``execute()`` returned) and that
+``Sink._apply`` (called with a batch once its replies are in) so that, for each tick it wrote, it
+records the epoch µs at which the batch's replies were back and that
 time minus the tick's ``recv_ts`` (the worker's clock when the frame came off the WebSocket):
 **frame received → XADD acknowledged**, as the worker sees it, including the queue, the batch
 wait and the Redis round trip.
@@ -32,12 +32,12 @@ from worker.sink import Sink
 _samples = array.array("q")  # ack µs, latency µs, ack µs, latency µs, …
 
 
-def _timed(write: Callable[..., Any]) -> Callable[..., Any]:
-    def timed_write(self: Sink, *args: Any, **kwargs: Any) -> Any:
-        again = write(self, *args, **kwargs)
+def _timed(apply: Callable[..., Any]) -> Callable[..., Any]:
+    def timed_apply(self: Sink, *args: Any, **kwargs: Any) -> Any:
+        again = apply(self, *args, **kwargs)
         now = time.time_ns() // 1000
         retried = {id(entry) for entry in again} if again else ()
-        for entry in args[1]:  # (client, batch, retry)
+        for entry in args[0]:  # (batch, results, held)
             if entry.stream != keys.EVENTS and id(entry) not in retried:
                 fields = entry.fields
                 recv_us = fields[fields.index("recv_ts") + 1]
@@ -45,7 +45,7 @@ def _timed(write: Callable[..., Any]) -> Callable[..., Any]:
                 _samples.append(now - int(recv_us))
         return again
 
-    return timed_write
+    return timed_apply
 
 
 def run(argv: list[str]) -> int:
@@ -54,7 +54,7 @@ def run(argv: list[str]) -> int:
     path = os.environ.get("BENCH_LATENCY_FILE")
     if not path:
         return main(argv)
-    Sink._write = _timed(Sink._write)  # type: ignore[method-assign]
+    Sink._apply = _timed(Sink._apply)  # type: ignore[method-assign]
     try:
         return main(argv)
     finally:

@@ -1,8 +1,9 @@
 """The worker, wired: settings → login → instruments → feed → decode → normalize → sink → Redis.
 
 The data path runs top to bottom in :meth:`Worker.on_frame` on the event loop and ends in the
-sink's bounded queue; the writer thread does the XADDs. The control plane (commands, the hash)
-runs beside it on the same loop and talks to the feed only through ``Feed.apply``.
+sink's bounded queue; the sink's writer task (same loop, no thread) does the XADDs. The control
+plane (commands, the hash) runs beside it on the same loop and talks to the feed only through
+``Feed.apply``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from worker.health import HealthServer, Metrics
 from worker.instruments import InstrumentError, InstrumentIndex, load_instruments, publish_index
 from worker.normalize import Normalizer
 from worker.settings import IST, Settings, redact_url
-from worker.sink import Sink
+from worker.sink import Sink, redis_opener
 from worker.status import Status
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Worker:
         self.index = index
         self.normalizer = Normalizer()
         self.sink = Sink(
-            lambda: redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5),
+            redis_opener(settings.redis_url, timeout=5.0),
             stream_maxlen=settings.stream_maxlen,
             events_maxlen=settings.events_maxlen,
             buffer_max=settings.buffer_max,
@@ -241,7 +242,7 @@ class Worker:
         await control_client.aclose()
         self.sink.event("worker_stopped", written=self.sink.stats.written, dropped=self.sink.stats.dropped)
         budget = max(0.1, deadline - asyncio.get_running_loop().time())
-        flushed = await asyncio.to_thread(self.sink.stop, budget)
+        flushed = await self.sink.stop(budget)
         log.info("stopped: %d ticks written, %s", self.sink.stats.written, "all flushed" if flushed else "NOT flushed")
 
 

@@ -200,9 +200,6 @@ def _run_worker(args: argparse.Namespace) -> int:
         print(f"angelstream run: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level, config.log_format)
-    # The event loop's thread is busy at the market open; the writer thread must get the GIL back soon
-    # after each socket wait, not after the default 5 ms (measured: 2.6x the LTP rate, bench/README.md).
-    sys.setswitchinterval(0.0005)
     try:
         asyncio.run(_until_signalled(Worker(config).run))
     except InstrumentError as exc:

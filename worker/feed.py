@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 Pair = tuple[int, int, str]  # (mode, exchange type, token)
 
+#: Frames read in a row before the reader lets the loop run: ``receive()`` returns buffered frames
+#: without suspending, and at the market open the socket is never empty, so without this the sink's
+#: writer (same loop) would wait for the whole read buffer to be decoded before its next round trip.
+YIELD_EVERY = 100
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -258,11 +263,15 @@ class FeedConnection:
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> str:
         """Hand every frame on until the connection ends; returns why it ended."""
         on_frame = self._on_frame
+        frames = 0
         while True:
             msg = await ws.receive()
             if msg.type == aiohttp.WSMsgType.BINARY:
                 self._last_us = now_us = time.time_ns() // 1000
                 on_frame(msg.data, now_us)
+                frames += 1
+                if frames % YIELD_EVERY == 0:  # buffered frames never suspend receive(): let the writer run
+                    await asyncio.sleep(0)
             elif msg.type == aiohttp.WSMsgType.TEXT:
                 self._last_us = time.time_ns() // 1000
                 self._on_text(msg.data)

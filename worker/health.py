@@ -5,8 +5,8 @@
   hours (IST, weekdays), the last tick is at most ``fresh_within`` seconds old; otherwise 503. The
   JSON body says which check failed and why.
 * ``GET /metrics``: Prometheus text. Counters and gauges are read from the worker's own counters at
-  scrape time (nothing is added to the per-tick path); the writer thread observes three histograms
-  once per batch.
+  scrape time (nothing is added to the per-tick path); the sink's writer task observes three
+  histograms once per batch.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Metrics:
         self.registry.register(_WorkerCollector(worker))
 
     def on_batch(self, size: int, seconds: float, oldest_ms: int | None) -> None:
-        """Called by the writer thread after each pipeline."""
+        """Called by the sink's writer task after each batch's round trip."""
         self.batch_size.observe(size)
         self.xadd_seconds.observe(seconds)
         if oldest_ms is not None:
