@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from redis.typing import EncodableT, FieldT
 
 from tests import strategies as gen
-from worker import keys, schema
+from worker import keys, normalize, schema
 from worker import protocol as p
 from worker.instruments import Instrument, bundled_master_path, load_master_file
 from worker.localredis import LocalRedis
@@ -112,6 +112,21 @@ def test_mode_names_match_the_protocol_modes() -> None:
 
 
 # ----------------------------------------------------------------- prices
+
+
+def test_remembered_prices_are_the_formatted_ones_and_the_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(normalize, "PRICE_CACHE_MAX", 3)
+    calls: list[int] = []
+
+    def fmt(units: int) -> str:
+        calls.append(units)
+        return rupees_paise(units)
+
+    price = normalize.remembered(fmt)
+    assert [price(u) for u in (80_050, 5, 80_050, 5)] == ["800.50", "0.05", "800.50", "0.05"]
+    assert calls == [80_050, 5]  # the repeats were remembered
+    assert [price(u) for u in (7, 9, 80_050)] == ["0.07", "0.09", "800.50"]
+    assert calls == [80_050, 5, 7, 9, 80_050]  # full at 3: it started over before 9
 
 
 def test_rupees_worked_examples() -> None:

@@ -37,13 +37,37 @@ def rupees_cds(units: int) -> str:
     return "%.7f" % (units / 10_000_000) if -_FAST_LIMIT < units < _FAST_LIMIT else _exact(units, 7)
 
 
+PRICE_CACHE_MAX = 1 << 16  # prices remembered per unit (paise, CDS), ~7 MB when full
+
+
+def remembered(fmt: Callable[[int], str]) -> Callable[[int], str]:
+    """``fmt`` with a bounded memory of the prices it formatted. Ticks repeat the same few prices
+    (a SnapQuote carries 28, its depth a few ticks from the last price): a lookup is ~5x cheaper
+    than formatting. Full, the memory starts over."""
+    memory: dict[int, str] = {}
+
+    def price(units: int) -> str:
+        text = memory.get(units)
+        if text is None:
+            if len(memory) >= PRICE_CACHE_MAX:
+                memory.clear()
+            text = memory[units] = fmt(units)
+        return text
+
+    return price
+
+
+_PAISE = remembered(rupees_paise)
+_CDS = remembered(rupees_cds)
+
+
 @dataclass(slots=True)
 class Target:
     """Where one (exchange type, token) goes: its stream and the entry's constant leading fields."""
 
     stream: str
     heads: dict[int, Fields]  # mode → ("v", "1", "token", …, "mode", name)
-    price: Callable[[int], str]  # rupees_paise or rupees_cds
+    price: Callable[[int], str]  # rupees_paise or rupees_cds, remembered
 
 
 class Normalizer:
@@ -72,7 +96,7 @@ class Normalizer:
             )
             for mode, name in MODE_NAMES.items()
         }
-        price = rupees_cds if inst.exchange_type == p.ExchangeType.CDE_FO else rupees_paise
+        price = _CDS if inst.exchange_type == p.ExchangeType.CDE_FO else _PAISE
         self._targets[(inst.exchange_type, inst.token)] = Target(keys.ticks(inst.exchange, inst.symbol), heads, price)
 
     def remove(self, inst: Instrument) -> None:
