@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
+from tenacity.wait import wait_base
 
 from worker import protocol as p
 
@@ -57,6 +58,17 @@ class FeedConfig:
     reconnect_jitter: float = 1.0
     healthy_after: float = 10.0
     connect_timeout: float = 10.0
+
+
+def backoff(config: FeedConfig) -> wait_base:
+    """Reconnect delays: ``reconnect_initial`` × 2^(n-1) up to ``reconnect_max``, plus 0..``reconnect_jitter``.
+
+    The jitter is added after the cap (tenacity's ``wait_exponential_jitter`` caps the sum, so every
+    capped delay would be exactly ``reconnect_max``: connections cut off together would come back in step).
+    """
+    return wait_exponential(multiplier=config.reconnect_initial, max=config.reconnect_max) + wait_random(
+        0, config.reconnect_jitter
+    )
 
 
 class FeedError(Exception):
@@ -128,11 +140,7 @@ class FeedConnection:
         """Hold the connection until :meth:`close`."""
         while not self._closing:
             retrying = AsyncRetrying(
-                wait=wait_exponential_jitter(
-                    multiplier=self.config.reconnect_initial,
-                    max=self.config.reconnect_max,
-                    jitter=self.config.reconnect_jitter,
-                ),
+                wait=backoff(self.config),
                 retry=retry_if_exception_type(FeedError),
                 before_sleep=self._before_sleep,
                 reraise=True,
