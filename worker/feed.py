@@ -83,6 +83,7 @@ class _Closing(Exception):
 CredentialsProvider = Callable[[bool], Awaitable[Credentials]]
 FrameHandler = Callable[[bytes, int], None]  # (frame, receive time in epoch µs)
 EventHandler = Callable[..., None]  # (kind, **fields)
+BackoffHandler = Callable[[str, float], None]  # (connection name, seconds until the next attempt): metrics
 
 
 class FeedConnection:
@@ -93,12 +94,14 @@ class FeedConnection:
         credentials: CredentialsProvider,
         on_frame: FrameHandler,
         on_event: EventHandler,
+        on_backoff: BackoffHandler | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self._credentials = credentials
         self._on_frame = on_frame
         self._on_event = on_event
+        self._on_backoff = on_backoff
         self.desired: dict[Pair, None] = {}
         self.state = "idle"  # idle, connecting, connected, backoff, closed
         self.connects = 0
@@ -174,6 +177,8 @@ class FeedConnection:
         error = state.outcome.exception() if state.outcome else None
         self.last_error = str(error)
         log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", self.name, error, delay, state.attempt_number)
+        if self._on_backoff is not None:
+            self._on_backoff(self.name, delay)
         self._on_event(
             "feed_reconnecting", connection=self.name, cause=str(error), delay=round(delay, 3),
             attempt=state.attempt_number,
@@ -332,6 +337,7 @@ class Feed:
         on_event: EventHandler,
         max_connections: int = 3,
         max_tokens: int = p.MAX_TOKENS_PER_CONNECTION,
+        on_backoff: BackoffHandler | None = None,
     ) -> None:
         self.config = config
         self.max_connections = max_connections
@@ -339,6 +345,7 @@ class Feed:
         self._credentials = credentials
         self._on_frame = on_frame
         self._on_event = on_event
+        self._on_backoff = on_backoff
         self.connections: list[FeedConnection] = []
         self.placement: dict[tuple[int, str], tuple[FeedConnection, int]] = {}  # (exch, token) → (conn, mode)
         self._session: aiohttp.ClientSession | None = None
@@ -379,8 +386,9 @@ class Feed:
             room = next((c for c in self.connections if load[c] < self.max_tokens), None)
             if room is None and len(self.connections) < self.max_connections:
                 room = FeedConnection(
-                    f"feed-{len(self.connections) + 1}", self.config, self._credentials, self._on_frame, self._on_event
-                )
+                    f"feed-{len(self.connections) + 1}", self.config, self._credentials, self._on_frame,
+                    self._on_event, self._on_backoff,
+                )  # fmt: skip
                 self.connections.append(room)
                 load[room] = 0
                 self._spawn(room)
