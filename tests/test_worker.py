@@ -6,6 +6,7 @@ real Redis, and checks the streams' content against what the simulator recorded 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -19,7 +20,9 @@ from tests.workerkit import (
     assert_tick_is,
     events,
     is_subsequence,
+    metric,
     record_fault,
+    scrape,
     sent_to,
     ticks,
     wait_for,
@@ -416,6 +419,82 @@ def test_a_flapping_link_backs_off_instead_of_storming(
     delays = [float(e["delay"]) for e in events(redis_client, "feed_reconnecting")]
     assert len(delays) >= 3, delays
     assert delays[-1] > delays[0] * 3, delays
+
+
+def backoff_floor(delays: int, initial: float, cap: float) -> float:
+    """The least time ``delays`` successive reconnect delays take (jitter only adds to each)."""
+    return sum(min(initial * 2.0**k, cap) for k in range(delays))
+
+
+def most_upgrades(seconds: float, initial: float, cap: float) -> int:
+    """The most upgrade attempts a backoff that never resets allows in ``seconds``: one, then one per delay."""
+    delays = 0
+    while backoff_floor(delays + 1, initial, cap) <= seconds:
+        delays += 1
+    return delays + 1
+
+
+def schedule(sim: SimulatorThread, fault: str, every: float, times: int) -> asyncio.Task[None]:
+    """Fault ``fault`` every ``every`` seconds, ``times`` times; the task is done after the last one."""
+
+    async def scheduled() -> asyncio.Task[None]:
+        return sim.sim.schedule_fault(fault, every, times)
+
+    task: asyncio.Task[None] = sim.call(scheduled())
+    return task
+
+
+#: The flapping run: production's jitter and healthy_after (so a 3 s connection is a failure), a 4 s cap.
+FLAPPING = {"reconnect_initial": 0.5, "reconnect_max": 4.0, "reconnect_jitter": 1.0, "healthy_after": 10.0}
+
+
+@pytest.mark.faults
+def test_a_link_flapping_for_a_minute_backs_off_with_jitter_and_loses_nothing(
+    sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
+) -> None:
+    """The TCP link dropped every 3 s for 60 s: upgrades stay within what the backoff allows, the delays grow
+    to the cap and are jittered there too (in the events and in /metrics), and every tick sent is written once.
+    """
+    initial, cap, jitter = FLAPPING["reconnect_initial"], FLAPPING["reconnect_max"], FLAPPING["reconnect_jitter"]
+    want = {"NSE:SBIN-EQ": "quote", "NSE:INFY-EQ": "ltp"}
+    with start(sim, redis_client, redis_server.url, want, **FLAPPING) as worker:
+        assert worker.worker.health is not None
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks")
+        upgrades, began = sim.sim.upgrades, time.monotonic()
+        flapping = schedule(sim, "drop", 3.0, times=20)
+        wait_for(flapping.done, timeout=75, what="20 drops, 3 s apart")
+        ended = time.monotonic()
+        attempts = sim.sim.upgrades - upgrades
+        recovery = recovered(redis_client, "NSE:SBIN-EQ", ended)
+        settle(sim, worker, redis_client, [SBIN, INFY])
+        metrics = scrape(worker.worker.health.url)
+        [conn] = worker.worker.feed.connections
+        assert_exactly_sent(sim, redis_client, SBIN)
+        assert_exactly_sent(sim, redis_client, INFY)
+        figures = record_fault("feed: flapping link, 60 s", sim, redis_client, [SBIN, INFY], recovery)
+    assert (figures.lost, figures.duplicates) == (0, 0)
+    # No storm: at most what the delays allow (18 in 60 s; reconnecting at once after each drop would be 20).
+    bound = most_upgrades(ended - began, initial, cap)
+    assert 6 <= attempts <= bound, f"{attempts} upgrade attempts in {ended - began:.1f} s; the backoff allows {bound}"
+    assert conn.causes.get("lost", 0) >= 6, conn.causes
+    reconnecting = events(redis_client, "feed_reconnecting")
+    assert [int(e["attempt"]) for e in reconnecting] == list(range(1, len(reconnecting) + 1)), "never reset"
+    delays = [float(e["delay"]) for e in reconnecting]
+    for k, delay in enumerate(delays):  # the schedule: initial × 2^k up to the cap, plus 0..jitter
+        floor = min(initial * 2**k, cap)
+        assert floor <= delay <= floor + jitter + 0.001, (k, delays)
+    capped = delays[3:]
+    assert delays[0] < delays[2] < min(capped), f"the delays grow: {delays}"
+    assert len(capped) >= 3, delays
+    assert len(set(capped)) > 1, f"jittered at the cap too: {delays}"
+    # /metrics shows the same: one observation per delay, and their sum above the jitterless schedule.
+    name = "angelstream_feed_reconnect_delay_seconds"
+    assert metric(metrics, name + "_count", connection="feed-1") == len(delays)
+    total = metric(metrics, name + "_sum", connection="feed-1")
+    assert total == pytest.approx(sum(delays), abs=0.001 * len(delays))
+    assert 0 < total - backoff_floor(len(delays), initial, cap) <= jitter * len(delays)
+    assert metric(metrics, name + "_bucket", connection="feed-1", le="2.0") == 2, "short delays first"
+    assert metric(metrics, name + "_bucket", connection="feed-1", le="4.0") == 3, "capped ones jittered above 4 s"
 
 
 def test_the_daily_relogin_restarts_the_feed_with_a_fresh_session(
