@@ -145,7 +145,9 @@ def test_a_send_failing_mid_subscribe_is_a_reconnect_not_a_crash(
             await task
 
     asyncio.run(main())
-    assert ("feed_disconnected", {"connection": "flaky", "cause": "connection error: ConnectionResetError"}) in seen
+    causes = [fields["cause"] for kind, fields in seen if kind == "feed_disconnected"]
+    # before any frame, right after the upgrade: reported as a likely 4th connection
+    assert causes[0].startswith("connection error: ConnectionResetError right after the upgrade"), causes
 
 
 def test_reconnect_delays_double_up_to_the_cap_and_keep_their_jitter_there() -> None:

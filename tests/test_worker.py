@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.simclient import open_stream
 from tests.workerkit import (
     assert_tick_is,
     events,
@@ -495,6 +496,59 @@ def test_a_link_flapping_for_a_minute_backs_off_with_jitter_and_loses_nothing(
     assert 0 < total - backoff_floor(len(delays), initial, cap) <= jitter * len(delays)
     assert metric(metrics, name + "_bucket", connection="feed-1", le="2.0") == 2, "short delays first"
     assert metric(metrics, name + "_bucket", connection="feed-1", le="4.0") == 3, "capped ones jittered above 4 s"
+
+
+@pytest.mark.faults
+def test_a_4th_connection_closed_by_the_server_backs_off_until_another_app_lets_go(
+    sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
+) -> None:
+    """Angel allows 3 connections per client code across all apps and closes the extra one (spec §1.2).
+
+    Another app with the same client code holds 2; the worker holds 1 and needs a second (one token per
+    connection here), which is the 4th. It is retried with backoff and a cause that says why, the first
+    connection's ticks flow untouched, and once the other app lets one go the second connection comes up
+    with its subscription and every tick of both arrives once.
+    """
+    initial, cap = 0.25, 2.0
+    backoff = {"reconnect_initial": initial, "reconnect_max": cap, "reconnect_jitter": 0.5, "healthy_after": 10.0}
+    runner = start(sim, redis_client, redis_server.url, {"NSE:SBIN-EQ": "quote"}, **backoff)
+    runner.worker.feed.max_tokens = 1  # one token per connection: INFY will need a second one
+    with runner as worker:
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks on the first connection")
+        other_app = [open_stream(sim) for _ in range(2)]  # the same client code: 3 connections in use
+        wait_for(lambda: len(sim.sim.connections) == 3, what="the other app's two connections")
+        upgrades, began = sim.sim.upgrades, time.monotonic()
+        command(redis_client, "subscribe", ["NSE:INFY-EQ"], "ltp", "infy")
+        assert answered(redis_client, "infy")["type"] == "command_accepted"
+        wait_for(lambda: len(worker.worker.feed.connections) == 2, what="a second connection")
+        first, second = worker.worker.feed.connections
+        wait_for(lambda: second.reconnects >= 5, timeout=20, what="five attempts closed by the server")
+        attempts, held = sim.sim.upgrades - upgrades, time.monotonic() - began
+        n = redis_client.xlen("ticks:NSE:SBIN-EQ")
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") > n + 3, what="SBIN ticks meanwhile")
+        assert len(sim.sim.connections) == 3, "the server let no 4th connection in"
+        assert redis_client.xlen("ticks:NSE:INFY-EQ") == 0
+        released = time.monotonic()
+        other_app.pop().close()
+        wait_for(lambda: (1, 1, INFY.token) in subscribed_on_sim(sim), timeout=10, what="INFY on the second")
+        recovery = recovered(redis_client, "NSE:INFY-EQ", released)
+        settle(sim, worker, redis_client, [SBIN, INFY])
+        assert_exactly_sent(sim, redis_client, SBIN)
+        assert_exactly_sent(sim, redis_client, INFY)
+        figures = record_fault("feed: 4th connection closed by the server", sim, redis_client, [SBIN, INFY], recovery)
+        assert (first.connects, first.state, second.state) == (1, "connected", "connected")
+        other_app.pop().close()
+    assert (figures.lost, figures.duplicates) == (0, 0)
+    bound = most_upgrades(held, initial, cap)
+    assert attempts <= bound, f"{attempts} upgrade attempts in {held:.1f} s; the backoff allows {bound}"
+    reconnecting = events(redis_client, "feed_reconnecting")
+    assert {e["connection"] for e in reconnecting} == {"feed-2"}, "only the refused connection reconnects"
+    for event in reconnecting:
+        assert "right after the upgrade" in event["cause"], event
+        assert "3 per client code" in event["cause"], event
+    delays = [float(e["delay"]) for e in reconnecting]
+    assert delays[2] > delays[0], f"the delays grow: {delays}"
+    assert second.causes == {"lost_at_upgrade": len(reconnecting)}
 
 
 def test_the_daily_relogin_restarts_the_feed_with_a_fresh_session(

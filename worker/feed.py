@@ -8,7 +8,8 @@
 * reconnects with tenacity (exponential backoff with jitter, capped, forever): the one and only
   retry owner. A connection that lived ``healthy_after`` seconds resets the backoff; shorter ones
   count as failures, so a flapping link cannot cause a reconnect storm. An upgrade refused with 401
-  asks for a fresh login before the next attempt.
+  asks for a fresh login before the next attempt; a connection lost right after its upgrade, before
+  any frame, is reported as what it most likely is: Angel closing a 4th connection of the client code.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ class FeedConnection:
         started = time.monotonic()
         self.connects += 1
         self.state = "connected"
-        self._last_us = time.time_ns() // 1000
+        upgraded_us = self._last_us = time.time_ns() // 1000
         self._stalled = False
         log.info("%s: connected to %s; subscribing %d tokens", self.name, self.config.url, len(self.desired))
         self._on_event("feed_connected", connection=self.name, tokens=len(self.desired))
@@ -235,6 +236,9 @@ class FeedConnection:
         if self._closing:
             raise _Closing
         kind = "restart" if self._restart_cause else _kind(cause)
+        if kind == "lost" and self._last_us == upgraded_us:  # not a single frame: how Angel refuses a 4th connection
+            kind = "lost_at_upgrade"
+            cause += " right after the upgrade, before any frame (Angel closes connections over 3 per client code)"
         cause = self._restart_cause or cause
         self._restart_cause = ""
         self.causes[kind] = self.causes.get(kind, 0) + 1
