@@ -8,10 +8,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from tenacity import AsyncRetrying, RetryCallState
 
 from tests.simclient import sim_login
 from worker import protocol as p
-from worker.feed import Credentials, Feed, FeedConfig, FeedConnection, cancel_all
+from worker.feed import Credentials, Feed, FeedConfig, FeedConnection, backoff, cancel_all
 from worker.simulator import SimConfig, SimulatorThread
 
 Events = list[tuple[str, dict[str, Any]]]
@@ -144,7 +145,22 @@ def test_a_send_failing_mid_subscribe_is_a_reconnect_not_a_crash(
             await task
 
     asyncio.run(main())
-    assert ("feed_disconnected", {"connection": "flaky", "cause": "connection error: ConnectionResetError"}) in seen
+    causes = [fields["cause"] for kind, fields in seen if kind == "feed_disconnected"]
+    # before any frame, right after the upgrade: reported as a likely 4th connection
+    assert causes[0].startswith("connection error: ConnectionResetError right after the upgrade"), causes
+
+
+def test_reconnect_delays_double_up_to_the_cap_and_keep_their_jitter_there() -> None:
+    """initial × 2^(n-1) up to reconnect_max, plus 0..jitter on every delay: capped ones are jittered too,
+    so clients cut off together do not come back in step."""
+    wait = backoff(config("ws://127.0.0.1:1/x", reconnect_initial=0.5, reconnect_max=4.0, reconnect_jitter=1.0))
+    state = RetryCallState(AsyncRetrying(), None, (), {})
+    for attempt in range(1, 10):
+        state.attempt_number = attempt
+        floor = min(0.5 * 2 ** (attempt - 1), 4.0)
+        delays = {wait(state) for _ in range(20)}
+        assert all(floor <= d <= floor + 1.0 for d in delays), (attempt, delays)
+        assert len(delays) > 1, f"attempt {attempt}: no jitter in {delays}"
 
 
 def test_unknown_text_from_the_server_is_reported() -> None:

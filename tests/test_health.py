@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 from collections.abc import Iterator
 from datetime import datetime
@@ -15,7 +14,7 @@ import pytest
 import redis
 import requests
 
-from tests.workerkit import events, wait_for, worker_settings
+from tests.workerkit import events, metric, scrape, wait_for, worker_settings
 from worker import keys
 from worker.app import WorkerThread
 from worker.health import market_open
@@ -30,19 +29,6 @@ ALWAYS_OPEN = {"market_open": wall_time(0, 0), "market_close": wall_time(23, 59,
 def get(url: str) -> tuple[int, dict[str, Any]]:
     response = requests.get(url, timeout=5)
     return response.status_code, response.json()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if labels else "") + r" (\S+)"
-    found = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
-    assert found is not None, f"{name} {labels} not in the metrics"
-    return float(found[1])
-
-
-def scrape(url: str) -> str:
-    return requests.get(url + "/metrics", timeout=5).text
 
 
 def test_readiness_follows_the_feed_the_data_and_redis(sim: SimulatorThread) -> None:
@@ -131,6 +117,25 @@ def test_metrics_move_as_ticks_flow(sim: SimulatorThread, redis_client: redis.Re
     assert metric(second, "angelstream_ticks_dropped_total") == 0
     assert metric(second, "angelstream_redis_ok") == 1
     assert 0 <= metric(second, "angelstream_last_tick_age_seconds") < 5
+
+
+def test_reconnect_delays_are_a_histogram_per_connection(
+    sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
+) -> None:
+    sim.inject("refuse", count="3", status="429")
+    redis_client.hset(keys.SUBSCRIPTIONS, "NSE:SBIN-EQ", "ltp")
+    with WorkerThread(worker_settings(sim, redis_server.url)) as worker:
+        assert worker.worker.health is not None
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") > 0, what="ticks after three refused upgrades")
+        text = scrape(worker.worker.health.url)
+    delays = [float(e["delay"]) for e in events(redis_client, "feed_reconnecting")]
+    assert len(delays) == 3
+    name = "angelstream_feed_reconnect_delay_seconds"
+    assert metric(text, name + "_count", connection="feed-1") == 3
+    assert metric(text, name + "_sum", connection="feed-1") == pytest.approx(sum(delays), abs=0.003)
+    # 0.05 s, 0.1 s, 0.2 s (FAST settings) plus up to 0.02 s of jitter each
+    assert metric(text, name + "_bucket", connection="feed-1", le="0.1") == 1
+    assert metric(text, name + "_bucket", connection="feed-1", le="0.25") == 3
 
 
 def test_a_taken_health_port_is_reported_and_the_worker_streams_on(

@@ -433,6 +433,19 @@ def test_scheduled_faults_repeat(sim: SimulatorThread) -> None:
     ws.close()
 
 
+def test_a_scheduled_fault_can_stop_after_a_number_of_times(sim: SimulatorThread) -> None:
+    ws = open_stream(sim)
+
+    async def schedule() -> asyncio.Task[None]:
+        return sim.sim.schedule_fault("garbage", 0.05, times=3)
+
+    task = sim.call(schedule())
+    frames = receive_until(ws, 4, seconds=1)
+    assert task.done()
+    assert len(frames) == 3
+    ws.close()
+
+
 def test_sends_to_a_dropped_connection_are_harmless(sim: SimulatorThread) -> None:
     ws = open_stream(sim)
     subscribe(ws, 1, SBIN)

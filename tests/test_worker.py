@@ -6,6 +6,7 @@ real Redis, and checks the streams' content against what the simulator recorded 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -15,11 +16,14 @@ from typing import Any
 import pytest
 import redis
 
+from tests.simclient import open_stream
 from tests.workerkit import (
     assert_tick_is,
     events,
     is_subsequence,
+    metric,
     record_fault,
+    scrape,
     sent_to,
     ticks,
     wait_for,
@@ -416,6 +420,135 @@ def test_a_flapping_link_backs_off_instead_of_storming(
     delays = [float(e["delay"]) for e in events(redis_client, "feed_reconnecting")]
     assert len(delays) >= 3, delays
     assert delays[-1] > delays[0] * 3, delays
+
+
+def backoff_floor(delays: int, initial: float, cap: float) -> float:
+    """The least time ``delays`` successive reconnect delays take (jitter only adds to each)."""
+    return sum(min(initial * 2.0**k, cap) for k in range(delays))
+
+
+def most_upgrades(seconds: float, initial: float, cap: float) -> int:
+    """The most upgrade attempts a backoff that never resets allows in ``seconds``: one, then one per delay."""
+    delays = 0
+    while backoff_floor(delays + 1, initial, cap) <= seconds:
+        delays += 1
+    return delays + 1
+
+
+def schedule(sim: SimulatorThread, fault: str, every: float, times: int) -> asyncio.Task[None]:
+    """Fault ``fault`` every ``every`` seconds, ``times`` times; the task is done after the last one."""
+
+    async def scheduled() -> asyncio.Task[None]:
+        return sim.sim.schedule_fault(fault, every, times)
+
+    task: asyncio.Task[None] = sim.call(scheduled())
+    return task
+
+
+#: The flapping run: production's jitter and healthy_after (so a 3 s connection is a failure), a 4 s cap.
+FLAPPING = {"reconnect_initial": 0.5, "reconnect_max": 4.0, "reconnect_jitter": 1.0, "healthy_after": 10.0}
+
+
+@pytest.mark.faults
+def test_a_link_flapping_for_a_minute_backs_off_with_jitter_and_loses_nothing(
+    sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
+) -> None:
+    """The TCP link dropped every 3 s for 60 s: upgrades stay within what the backoff allows, the delays grow
+    to the cap and are jittered there too (in the events and in /metrics), and every tick sent is written once.
+    """
+    initial, cap, jitter = FLAPPING["reconnect_initial"], FLAPPING["reconnect_max"], FLAPPING["reconnect_jitter"]
+    want = {"NSE:SBIN-EQ": "quote", "NSE:INFY-EQ": "ltp"}
+    with start(sim, redis_client, redis_server.url, want, **FLAPPING) as worker:
+        assert worker.worker.health is not None
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks")
+        upgrades, began = sim.sim.upgrades, time.monotonic()
+        flapping = schedule(sim, "drop", 3.0, times=20)
+        wait_for(flapping.done, timeout=75, what="20 drops, 3 s apart")
+        ended = time.monotonic()
+        attempts = sim.sim.upgrades - upgrades
+        recovery = recovered(redis_client, "NSE:SBIN-EQ", ended)
+        settle(sim, worker, redis_client, [SBIN, INFY])
+        metrics = scrape(worker.worker.health.url)
+        [conn] = worker.worker.feed.connections
+        assert_exactly_sent(sim, redis_client, SBIN)
+        assert_exactly_sent(sim, redis_client, INFY)
+        figures = record_fault("feed: flapping link, 60 s", sim, redis_client, [SBIN, INFY], recovery)
+    assert (figures.lost, figures.duplicates) == (0, 0)
+    # No storm: at most what the delays allow (18 in 60 s; reconnecting at once after each drop would be 20).
+    bound = most_upgrades(ended - began, initial, cap)
+    assert 6 <= attempts <= bound, f"{attempts} upgrade attempts in {ended - began:.1f} s; the backoff allows {bound}"
+    assert conn.causes.get("lost", 0) >= 6, conn.causes
+    reconnecting = events(redis_client, "feed_reconnecting")
+    assert [int(e["attempt"]) for e in reconnecting] == list(range(1, len(reconnecting) + 1)), "never reset"
+    delays = [float(e["delay"]) for e in reconnecting]
+    for k, delay in enumerate(delays):  # the schedule: initial × 2^k up to the cap, plus 0..jitter
+        floor = min(initial * 2**k, cap)
+        assert floor <= delay <= floor + jitter + 0.001, (k, delays)
+    capped = delays[3:]
+    assert delays[0] < delays[2] < min(capped), f"the delays grow: {delays}"
+    assert len(capped) >= 3, delays
+    assert len(set(capped)) > 1, f"jittered at the cap too: {delays}"
+    # /metrics shows the same: one observation per delay, and their sum above the jitterless schedule.
+    name = "angelstream_feed_reconnect_delay_seconds"
+    assert metric(metrics, name + "_count", connection="feed-1") == len(delays)
+    total = metric(metrics, name + "_sum", connection="feed-1")
+    assert total == pytest.approx(sum(delays), abs=0.001 * len(delays))
+    assert 0 < total - backoff_floor(len(delays), initial, cap) <= jitter * len(delays)
+    assert metric(metrics, name + "_bucket", connection="feed-1", le="2.0") == 2, "short delays first"
+    assert metric(metrics, name + "_bucket", connection="feed-1", le="4.0") == 3, "capped ones jittered above 4 s"
+
+
+@pytest.mark.faults
+def test_a_4th_connection_closed_by_the_server_backs_off_until_another_app_lets_go(
+    sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
+) -> None:
+    """Angel allows 3 connections per client code across all apps and closes the extra one (spec §1.2).
+
+    Another app with the same client code holds 2; the worker holds 1 and needs a second (one token per
+    connection here), which is the 4th. It is retried with backoff and a cause that says why, the first
+    connection's ticks flow untouched, and once the other app lets one go the second connection comes up
+    with its subscription and every tick of both arrives once.
+    """
+    initial, cap = 0.25, 2.0
+    backoff = {"reconnect_initial": initial, "reconnect_max": cap, "reconnect_jitter": 0.5, "healthy_after": 10.0}
+    runner = start(sim, redis_client, redis_server.url, {"NSE:SBIN-EQ": "quote"}, **backoff)
+    runner.worker.feed.max_tokens = 1  # one token per connection: INFY will need a second one
+    with runner as worker:
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") >= 3, what="ticks on the first connection")
+        other_app = [open_stream(sim) for _ in range(2)]  # the same client code: 3 connections in use
+        wait_for(lambda: len(sim.sim.connections) == 3, what="the other app's two connections")
+        upgrades, began = sim.sim.upgrades, time.monotonic()
+        command(redis_client, "subscribe", ["NSE:INFY-EQ"], "ltp", "infy")
+        assert answered(redis_client, "infy")["type"] == "command_accepted"
+        wait_for(lambda: len(worker.worker.feed.connections) == 2, what="a second connection")
+        first, second = worker.worker.feed.connections
+        wait_for(lambda: second.reconnects >= 5, timeout=20, what="five attempts closed by the server")
+        attempts, held = sim.sim.upgrades - upgrades, time.monotonic() - began
+        n = redis_client.xlen("ticks:NSE:SBIN-EQ")
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") > n + 3, what="SBIN ticks meanwhile")
+        assert len(sim.sim.connections) == 3, "the server let no 4th connection in"
+        assert redis_client.xlen("ticks:NSE:INFY-EQ") == 0
+        released = time.monotonic()
+        other_app.pop().close()
+        wait_for(lambda: (1, 1, INFY.token) in subscribed_on_sim(sim), timeout=10, what="INFY on the second")
+        recovery = recovered(redis_client, "NSE:INFY-EQ", released)
+        settle(sim, worker, redis_client, [SBIN, INFY])
+        assert_exactly_sent(sim, redis_client, SBIN)
+        assert_exactly_sent(sim, redis_client, INFY)
+        figures = record_fault("feed: 4th connection closed by the server", sim, redis_client, [SBIN, INFY], recovery)
+        assert (first.connects, first.state, second.state) == (1, "connected", "connected")
+        other_app.pop().close()
+    assert (figures.lost, figures.duplicates) == (0, 0)
+    bound = most_upgrades(held, initial, cap)
+    assert attempts <= bound, f"{attempts} upgrade attempts in {held:.1f} s; the backoff allows {bound}"
+    reconnecting = events(redis_client, "feed_reconnecting")
+    assert {e["connection"] for e in reconnecting} == {"feed-2"}, "only the refused connection reconnects"
+    for event in reconnecting:
+        assert "right after the upgrade" in event["cause"], event
+        assert "3 per client code" in event["cause"], event
+    delays = [float(e["delay"]) for e in reconnecting]
+    assert delays[2] > delays[0], f"the delays grow: {delays}"
+    assert second.causes == {"lost_at_upgrade": len(reconnecting)}
 
 
 def test_the_daily_relogin_restarts_the_feed_with_a_fresh_session(

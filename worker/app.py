@@ -59,6 +59,8 @@ class Worker:
             linger=settings.batch_linger_ms / 1000,
             retry_max=settings.redis_retry_max,
         )
+        self.metrics = Metrics(self)
+        self.sink.on_batch = self.metrics.on_batch
         self.feed = Feed(
             FeedConfig(
                 url=settings.angel_ws_url,
@@ -74,6 +76,7 @@ class Worker:
             self.on_frame,
             self.sink.event,
             max_connections=settings.angel_max_connections,
+            on_backoff=self.metrics.on_backoff,
         )
         self.session: angel.Session | None = None
         self.logins = 0
@@ -84,8 +87,6 @@ class Worker:
         self.control: Control | None = None
         self.status: Status | None = None
         self.redis: aioredis.Redis | None = None  # the control plane's client (also the readiness probe's)
-        self.metrics = Metrics(self)
-        self.sink.on_batch = self.metrics.on_batch
         self.health: HealthServer | None = None
         self.started = asyncio.Event()
 

@@ -8,7 +8,8 @@
 * reconnects with tenacity (exponential backoff with jitter, capped, forever): the one and only
   retry owner. A connection that lived ``healthy_after`` seconds resets the backoff; shorter ones
   count as failures, so a flapping link cannot cause a reconnect storm. An upgrade refused with 401
-  asks for a fresh login before the next attempt.
+  asks for a fresh login before the next attempt; a connection lost right after its upgrade, before
+  any frame, is reported as what it most likely is: Angel closing a 4th connection of the client code.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
+from tenacity.wait import wait_base
 
 from worker import protocol as p
 
@@ -64,6 +66,17 @@ class FeedConfig:
     connect_timeout: float = 10.0
 
 
+def backoff(config: FeedConfig) -> wait_base:
+    """Reconnect delays: ``reconnect_initial`` × 2^(n-1) up to ``reconnect_max``, plus 0..``reconnect_jitter``.
+
+    The jitter is added after the cap (tenacity's ``wait_exponential_jitter`` caps the sum, so every
+    capped delay would be exactly ``reconnect_max``: connections cut off together would come back in step).
+    """
+    return wait_exponential(multiplier=config.reconnect_initial, max=config.reconnect_max) + wait_random(
+        0, config.reconnect_jitter
+    )
+
+
 class FeedError(Exception):
     """The connection could not be made or was lost; ``str()`` is the cause."""
 
@@ -76,6 +89,7 @@ class _Closing(Exception):
 CredentialsProvider = Callable[[bool], Awaitable[Credentials]]
 FrameHandler = Callable[[bytes, int], None]  # (frame, receive time in epoch µs)
 EventHandler = Callable[..., None]  # (kind, **fields)
+BackoffHandler = Callable[[str, float], None]  # (connection name, seconds until the next attempt): metrics
 
 
 class FeedConnection:
@@ -86,12 +100,14 @@ class FeedConnection:
         credentials: CredentialsProvider,
         on_frame: FrameHandler,
         on_event: EventHandler,
+        on_backoff: BackoffHandler | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self._credentials = credentials
         self._on_frame = on_frame
         self._on_event = on_event
+        self._on_backoff = on_backoff
         self.desired: dict[Pair, None] = {}
         self.state = "idle"  # idle, connecting, connected, backoff, closed
         self.connects = 0
@@ -133,11 +149,7 @@ class FeedConnection:
         """Hold the connection until :meth:`close`."""
         while not self._closing:
             retrying = AsyncRetrying(
-                wait=wait_exponential_jitter(
-                    multiplier=self.config.reconnect_initial,
-                    max=self.config.reconnect_max,
-                    jitter=self.config.reconnect_jitter,
-                ),
+                wait=backoff(self.config),
                 retry=retry_if_exception_type(FeedError),
                 before_sleep=self._before_sleep,
                 reraise=True,
@@ -171,6 +183,8 @@ class FeedConnection:
         error = state.outcome.exception() if state.outcome else None
         self.last_error = str(error)
         log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", self.name, error, delay, state.attempt_number)
+        if self._on_backoff is not None:
+            self._on_backoff(self.name, delay)
         self._on_event(
             "feed_reconnecting", connection=self.name, cause=str(error), delay=round(delay, 3),
             attempt=state.attempt_number,
@@ -207,7 +221,7 @@ class FeedConnection:
         started = time.monotonic()
         self.connects += 1
         self.state = "connected"
-        self._last_us = time.time_ns() // 1000
+        upgraded_us = self._last_us = time.time_ns() // 1000
         self._stalled = False
         log.info("%s: connected to %s; subscribing %d tokens", self.name, self.config.url, len(self.desired))
         self._on_event("feed_connected", connection=self.name, tokens=len(self.desired))
@@ -227,6 +241,9 @@ class FeedConnection:
         if self._closing:
             raise _Closing
         kind = "restart" if self._restart_cause else _kind(cause)
+        if kind == "lost" and self._last_us == upgraded_us:  # not a single frame: how Angel refuses a 4th connection
+            kind = "lost_at_upgrade"
+            cause += " right after the upgrade, before any frame (Angel closes connections over 3 per client code)"
         cause = self._restart_cause or cause
         self._restart_cause = ""
         self.causes[kind] = self.causes.get(kind, 0) + 1
@@ -333,6 +350,7 @@ class Feed:
         on_event: EventHandler,
         max_connections: int = 3,
         max_tokens: int = p.MAX_TOKENS_PER_CONNECTION,
+        on_backoff: BackoffHandler | None = None,
     ) -> None:
         self.config = config
         self.max_connections = max_connections
@@ -340,6 +358,7 @@ class Feed:
         self._credentials = credentials
         self._on_frame = on_frame
         self._on_event = on_event
+        self._on_backoff = on_backoff
         self.connections: list[FeedConnection] = []
         self.placement: dict[tuple[int, str], tuple[FeedConnection, int]] = {}  # (exch, token) → (conn, mode)
         self._session: aiohttp.ClientSession | None = None
@@ -380,8 +399,9 @@ class Feed:
             room = next((c for c in self.connections if load[c] < self.max_tokens), None)
             if room is None and len(self.connections) < self.max_connections:
                 room = FeedConnection(
-                    f"feed-{len(self.connections) + 1}", self.config, self._credentials, self._on_frame, self._on_event
-                )
+                    f"feed-{len(self.connections) + 1}", self.config, self._credentials, self._on_frame,
+                    self._on_event, self._on_backoff,
+                )  # fmt: skip
                 self.connections.append(room)
                 load[room] = 0
                 self._spawn(room)

@@ -6,7 +6,7 @@
   JSON body says which check failed and why.
 * ``GET /metrics``: Prometheus text. Counters and gauges are read from the worker's own counters at
   scrape time (nothing is added to the per-tick path); the sink's writer task observes three
-  histograms once per batch.
+  histograms once per batch, and each feed connection observes its reconnect delays.
 """
 
 from __future__ import annotations
@@ -119,6 +119,11 @@ class Metrics:
             "From the frame's arrival to Redis acknowledging its XADD (the oldest tick of each batch)",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30), registry=self.registry,
         )  # fmt: skip
+        self.reconnect_delay = Histogram(
+            "angelstream_feed_reconnect_delay_seconds",
+            "Backoff before each reconnect attempt (exponential, capped, plus jitter)", labelnames=["connection"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=self.registry,
+        )  # fmt: skip
         self.registry.register(_WorkerCollector(worker))
 
     def on_batch(self, size: int, seconds: float, oldest_ms: int | None) -> None:
@@ -127,6 +132,10 @@ class Metrics:
         self.xadd_seconds.observe(seconds)
         if oldest_ms is not None:
             self.frame_to_xadd_seconds.observe(max(0.0, time.time() - oldest_ms / 1000))
+
+    def on_backoff(self, connection: str, delay: float) -> None:
+        """Called by a feed connection before it waits ``delay`` seconds to reconnect."""
+        self.reconnect_delay.labels(connection).observe(delay)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

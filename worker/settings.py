@@ -74,8 +74,8 @@ class Settings(BaseSettings):
     heartbeat_interval: PositiveFloat = Field(10.0, description="seconds between text pings")
     stall_timeout: PositiveFloat = Field(30.0, description="seconds without any frame before reconnecting")
     reconnect_initial: PositiveFloat = Field(0.5, description="first reconnect delay, seconds (then doubles)")
-    reconnect_max: PositiveFloat = Field(30.0, description="cap of the reconnect delay, seconds")
-    reconnect_jitter: float = Field(1.0, ge=0, description="random seconds added to each reconnect delay")
+    reconnect_max: PositiveFloat = Field(30.0, description="cap of the reconnect delay before its jitter, seconds")
+    reconnect_jitter: float = Field(1.0, ge=0, description="random seconds added to each reconnect delay (capped too)")
     healthy_after: PositiveFloat = Field(
         10.0, description="a connection up this long resets the reconnect delay (shorter ones count as failures)"
     )

@@ -301,15 +301,20 @@ class Simulator:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def schedule_fault(self, name: str, every: float) -> None:
-        """Inject fault ``name`` every ``every`` seconds (the ``--fault NAME:SECONDS`` option)."""
+    def schedule_fault(self, name: str, every: float, times: int = 0) -> asyncio.Task[None]:
+        """Inject fault ``name`` every ``every`` seconds, ``times`` times (0: until stopped; ``--fault NAME:SECONDS``).
+
+        The task returned is done after the last one.
+        """
 
         async def repeat() -> None:
-            while True:
+            done = 0
+            while not times or done < times:
                 await asyncio.sleep(every)
                 await self.inject(name)
+                done += 1
 
-        self._spawn(repeat())
+        return self._spawn(repeat())
 
     # ------------------------------------------------------------------ streaming
 
