@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,21 @@ def test_importing_and_constructing_the_sdk_has_no_side_effects(tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_ip_lookup_is_refused_loudly() -> None:
+def test_the_ip_lookup_is_refused_loudly_in_the_importing_thread_only() -> None:
+    calls: list[str] = []
+
+    def real_get(url: str, **kwargs: object) -> str:
+        calls.append(url)
+        return "real"
+
+    get = angel._refusing_get(threading.get_ident(), real_get)
     with pytest.raises(requests.ConnectionError, match=r"api\.ipify\.org is disabled"):
-        angel._refuse_ip_lookup("https://api.ipify.org")
+        get("https://api.ipify.org")
+    elsewhere: list[object] = []
+    other = threading.Thread(target=lambda: elsewhere.append(get("https://example.test/master.json", timeout=5)))
+    other.start()
+    other.join()
+    assert (elsewhere, calls) == (["real"], ["https://example.test/master.json"])
 
 
 def test_login_returns_a_session_without_secrets_in_its_repr(sim: SimulatorThread) -> None:

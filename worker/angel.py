@@ -34,8 +34,16 @@ _lock = threading.Lock()
 _sdk: types.SimpleNamespace | None = None
 
 
-def _refuse_ip_lookup(url: str, *args: Any, **kwargs: Any) -> Any:
-    raise requests.ConnectionError(f"angelstream: the SDK's import-time lookup of {url} is disabled")
+def _refusing_get(importer: int, real_get: Callable[..., Any]) -> Callable[..., Any]:
+    """``requests.get`` while the SDK is imported: refused in the importing thread, untouched in any
+    other (the worker's other threads may be fetching something meanwhile)."""
+
+    def get(url: str, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == importer:
+            raise requests.ConnectionError(f"angelstream: the SDK's import-time lookup of {url} is disabled")
+        return real_get(url, *args, **kwargs)
+
+    return get
 
 
 def _no_op(*args: Any, **kwargs: Any) -> None:
@@ -51,7 +59,7 @@ def load_sdk() -> types.SimpleNamespace:
 
             logzero.logger.disabled = True  # it logs credentials on errors
             real_get = requests.get
-            requests.get = _refuse_ip_lookup  # type: ignore[assignment]
+            requests.get = _refusing_get(threading.get_ident(), real_get)
             try:
                 from SmartApi import smartConnect, smartWebSocketV2  # noqa: PLC0415 - the contained import
             finally:
