@@ -5,11 +5,11 @@ for every decoded frame) and the writer task sends what is queued on a connectio
 is no thread and no lock: an earlier writer thread spent its time waiting for the GIL held by the
 loop (bench/README.md has the figures).
 
-* **Pipelined.** Whenever the loop lets it run, the writer sends everything queued, in batches of at
-  most ``batch_max`` XADDs packed in C (``hiredis.pack_command``), without waiting for the replies
-  of the batches before (at most ``PIPELINE_DEPTH`` batches in flight). Replies are parsed in bulk
-  by a ``hiredis.Reader`` as they arrive (:class:`Link`). Under load a batch holds what arrived since
-  the last one; a lone tick is written at once (or after ``linger``, if set).
+* **Pipelined.** Batches of at most ``batch_max`` XADDs are packed in C (``hiredis.pack_command``)
+  and written at once; their replies are parsed in bulk by a ``hiredis.Reader`` as they arrive
+  (:class:`Link`). With nothing in flight, what is queued goes at once (a lone tick is written at
+  once, or after ``linger`` if set); while a batch is in flight, only full batches follow it (at
+  most ``PIPELINE_DEPTH`` in flight), so under load a batch holds what arrived during a round trip.
 * **Exactly once.** Every tick gets an explicit, increasing stream ID ``<receive ms>-<n>`` when it
   is taken. When a connection fails, or Redis refuses entries for now (out of memory), the writer
   stops pipelining, waits for what is in flight, and retries those entries in order, one batch at a
@@ -347,11 +347,18 @@ class Sink:
         self._inflight.append(Sent(batch, link.request(_xadds(batch)), time.perf_counter()))
 
     async def _pipeline(self) -> bool:
-        """Send what is queued while the link takes it, then wait for replies; False: gave up (stopping)."""
+        """Send the full batches queued while the link takes them, then wait for replies; False: gave up
+        (stopping). A partial batch waits for the pipeline to empty: under load batches grow with the
+        round trip instead of going out a few ticks at a time (a send is a system call)."""
         link = self._link
         assert link is not None, "batches are in flight on it"
         inflight = self._inflight
-        while (self._ticks or self._events) and len(inflight) < PIPELINE_DEPTH and link.writable and not self._again:
+        while (
+            len(self._ticks) + len(self._events) >= self.batch_max
+            and len(inflight) < PIPELINE_DEPTH
+            and link.writable
+            and not self._again
+        ):
             batch = self._take()
             inflight.append(Sent(batch, link.request(_xadds(batch)), time.perf_counter()))
         oldest = inflight[0]  # not answered yet (_settle ran just before)
