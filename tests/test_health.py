@@ -115,6 +115,7 @@ def test_metrics_move_as_ticks_flow(sim: SimulatorThread, redis_client: redis.Re
     assert metric(second, "angelstream_xadd_seconds_count") > 0
     assert metric(second, "angelstream_frame_to_xadd_seconds_count") > 0
     assert metric(second, "angelstream_ticks_dropped_total") == 0
+    assert metric(second, "angelstream_events_dropped_total") == 0
     assert metric(second, "angelstream_redis_ok") == 1
     assert 0 <= metric(second, "angelstream_last_tick_age_seconds") < 5
 

@@ -61,6 +61,7 @@ def test_each_subscription_shows_whether_it_is_live_and_the_worker_beats(
         assert beat["ticks_written"] > 0
         assert beat["last_tick"] is not None
         assert beat["redis_ok"] is True
+        assert (beat["ticks_dropped"], beat["ticks_rejected"], beat["events_dropped"]) == (0, 0, 0)
 
         sim.sim.set_silent(True)
         wait_for(lambda: state(redis_client, "NSE:SBIN-EQ").get("state") == "stale", what="SBIN stale")

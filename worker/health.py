@@ -70,7 +70,10 @@ class _WorkerCollector(Collector):
         yield CounterMetricFamily("angelstream_decode_errors", "Frames that could not be decoded", w.decode_errors)
         yield CounterMetricFamily("angelstream_ticks_dropped", "Ticks dropped from the full buffer", stats.dropped)
         yield CounterMetricFamily("angelstream_ticks_rejected", "Ticks Redis refused for good", stats.rejected)
-        yield CounterMetricFamily("angelstream_write_errors", "Failed XADD pipelines (retried)", stats.write_errors)
+        yield CounterMetricFamily(
+            "angelstream_events_dropped", "Events dropped from their full queue", stats.events_dropped
+        )
+        yield CounterMetricFamily("angelstream_write_errors", "Failed XADD round trips (retried)", stats.write_errors)
         yield CounterMetricFamily("angelstream_repeats_skipped", "Exact repeats not written", w.normalizer.repeats)
         yield CounterMetricFamily("angelstream_logins", "Logins to Angel One", w.logins)
         yield GaugeMetricFamily("angelstream_buffered_ticks", "Ticks waiting for Redis", w.sink.buffered)

@@ -137,6 +137,7 @@ class Status:
             "ticks_per_second": round(rate, 1),
             "ticks_dropped": stats.dropped,
             "ticks_rejected": stats.rejected,
+            "events_dropped": stats.events_dropped,
             "buffered": w.sink.buffered,
             "redis_ok": stats.redis_ok,
             "write_errors": stats.write_errors,
