@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from worker import angel, keys
 from worker import protocol as p
-from worker.control import Control
+from worker.control import Control, RateLimit
 from worker.feed import Credentials, Feed, FeedConfig, cancel_all
 from worker.health import HealthServer, Metrics
 from worker.instruments import InstrumentError, InstrumentIndex, load_instruments, publish_index
@@ -214,8 +214,9 @@ class Worker:
                       s.health_host, s.health_port, exc.strerror)  # fmt: skip
             self.sink.event("health_unavailable", error=f"cannot listen on {s.health_host}:{s.health_port}")
         control = Control(
-            control_client, index, self.feed.apply, self.sink.event, self.feed.capacity, s.reconcile_interval
-        )
+            control_client, index, self.feed.apply, self.sink.event, self.feed.capacity, s.reconcile_interval,
+            RateLimit(s.control_rate, s.control_burst),
+        )  # fmt: skip
         self.control = control
         timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as http:

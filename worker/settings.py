@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     reconcile_interval: PositiveFloat = Field(
         30.0, description="seconds between re-reads of angelstream:subscriptions (commands apply at once)"
     )
+    control_rate: PositiveFloat = Field(
+        10.0, description="commands/s accepted on angelstream:control on average; more are refused"
+    )
+    control_burst: PositiveInt = Field(
+        50, description="commands accepted at once on angelstream:control before CONTROL_RATE applies"
+    )
     status_interval: PositiveFloat = Field(
         1.0, description="seconds between updates of angelstream:state and the angelstream:heartbeat key"
     )
