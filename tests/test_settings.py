@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from worker import settings as settings_module
-from worker.settings import CandleSettings, RedisSettings, Settings, SettingsError, load
+from worker.settings import CandleSettings, RedisSettings, Settings, SettingsError, load, plaintext_warnings
 
 REQUIRED = {
     "ANGEL_API_KEY": "key-Zq81",
@@ -166,6 +166,92 @@ def test_angel_ws_url_schemes_accepted(url: str) -> None:
 @pytest.mark.parametrize("url", ["https://smartapisocket.angelone.in", "smartapisocket.angelone.in"])
 def test_angel_ws_url_other_schemes_rejected(url: str) -> None:
     assert error_of(angel_ws_url=url).startswith("ANGEL_WS_URL is invalid: must be a wss://")
+
+
+# ----------------------------------------------------------------- TLS, and plaintext only for the simulator
+
+ENDPOINT_VARS = ("ANGEL_API_URL", "ANGEL_WS_URL", "ANGEL_INSTRUMENTS_URL")
+
+
+def plain(var: str, host: str) -> str:
+    return f"ws://{host}/smart-stream" if var == "ANGEL_WS_URL" else f"http://{host}/x"
+
+
+@pytest.mark.usefixtures("required_env")
+@pytest.mark.parametrize("var", ENDPOINT_VARS)
+@pytest.mark.parametrize("host", ["127.0.0.1:8700", "127.5.6.7", "localhost:8700", "LocalHost", "[::1]:8700"])
+def test_plaintext_to_a_loopback_host_is_accepted(var: str, host: str) -> None:
+    url = plain(var, host)
+    assert getattr(load(**{var.lower(): url}), var.lower()) == url
+
+
+@pytest.mark.usefixtures("required_env")
+@pytest.mark.parametrize("var", ENDPOINT_VARS)
+@pytest.mark.parametrize(
+    ("host", "named"),
+    [("sim:8700", "sim"), ("10.0.0.5", "10.0.0.5"), ("apiconnect.angelone.in", "apiconnect.angelone.in"),
+     ("127.0.0.1.evil.example", "127.0.0.1.evil.example"), ("0.0.0.0:8700", "0.0.0.0"),
+     ("[2001:db8::1]:80", "2001:db8::1"), ("localhost.evil.example", "localhost.evil.example")],
+)  # fmt: skip
+def test_plaintext_to_any_other_host_is_refused(var: str, host: str, named: str) -> None:
+    url = plain(var, host)
+    scheme = url.split(":")[0]
+    assert error_of(**{var.lower(): url}) == (
+        f"{var} is invalid: {scheme}:// to {named!r} is unencrypted (credentials and ticks in clear): use "
+        f"{scheme}s://, or set ANGEL_ALLOW_PLAINTEXT=true if it is a simulator on a network you trust (got {url!r})"
+    )
+
+
+@pytest.mark.usefixtures("required_env")
+@pytest.mark.parametrize("var", ENDPOINT_VARS)
+def test_plaintext_to_another_host_with_the_explicit_opt_in(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    monkeypatch.setenv("ANGEL_ALLOW_PLAINTEXT", "true")
+    monkeypatch.setenv(var, plain(var, "sim:8700"))
+    assert getattr(load(), var.lower()).startswith(("http://sim:8700", "ws://sim:8700"))
+    monkeypatch.setenv("ANGEL_ALLOW_PLAINTEXT", "perhaps")
+    assert error_of().startswith("ANGEL_ALLOW_PLAINTEXT is invalid: Input should be a valid boolean")
+
+
+@pytest.mark.usefixtures("required_env")
+def test_tls_endpoints_need_no_opt_in_and_a_file_is_not_a_url() -> None:
+    s = load(
+        angel_api_url="https://api.example:8443/", angel_ws_url="wss://10.0.0.5/s", angel_instruments_url="master.json"
+    )
+    assert (s.angel_api_url, s.angel_ws_url, s.angel_instruments_url) == (
+        "https://api.example:8443", "wss://10.0.0.5/s", "master.json",
+    )  # fmt: skip
+    assert plaintext_warnings(s) == []
+
+
+@pytest.mark.usefixtures("required_env")
+@pytest.mark.parametrize("var", ENDPOINT_VARS)
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [("https://", "must name a host: scheme://host[:port]/path"),
+     ("https://:443/x", "must name a host: scheme://host[:port]/path"),
+     ("https://[::1/x", "is not a valid URL (Invalid IPv6 URL)"),
+     ("https://host:99999/x", "is not a valid URL (Port out of range 0-65535)"),
+     ("https://host:port/x", "is not a valid URL (Port could not be cast to integer value as 'port')")],
+)  # fmt: skip
+def test_an_endpoint_must_be_a_url_with_a_host(var: str, url: str, message: str) -> None:
+    url = url.replace("https", "wss") if var == "ANGEL_WS_URL" else url
+    assert error_of(**{var.lower(): url}) == f"{var} is invalid: {message} (got {url!r})"
+
+
+@pytest.mark.usefixtures("required_env")
+def test_each_plaintext_endpoint_gets_a_warning_naming_it() -> None:
+    s = load(
+        angel_api_url="http://127.0.0.1:8700",
+        angel_ws_url="wss://smartapisocket.angelone.in/smart-stream",
+        angel_instruments_url="http://10.1.2.3:8700/m.json",
+        angel_allow_plaintext=True,
+    )
+    assert plaintext_warnings(s) == [
+        "ANGEL_API_URL=http://127.0.0.1:8700 is UNENCRYPTED (no TLS): only for the local simulator, never Angel One",
+        "ANGEL_INSTRUMENTS_URL=http://10.1.2.3:8700/m.json is UNENCRYPTED (no TLS) and leaves this machine, allowed "
+        "by ANGEL_ALLOW_PLAINTEXT=true: only for a simulator on a network you trust, never Angel One",
+    ]
+    assert plaintext_warnings(load()) == []  # the defaults: Angel One, TLS
 
 
 @pytest.mark.usefixtures("required_env")

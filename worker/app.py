@@ -26,7 +26,7 @@ from worker.feed import Credentials, Feed, FeedConfig, cancel_all
 from worker.health import HealthServer, Metrics
 from worker.instruments import InstrumentError, InstrumentIndex, load_instruments, publish_index
 from worker.normalize import Normalizer
-from worker.settings import IST, Settings, redact_url
+from worker.settings import IST, Settings, plaintext_warnings, redact_url
 from worker.sink import Sink
 from worker.status import Status
 
@@ -196,6 +196,8 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
+        for warning in plaintext_warnings(s):
+            log.warning("%s", warning)
         index = self.index or await load_instruments(s.angel_instruments_url, s.connect_timeout, s.instruments_cache)
         self.use_index(index)
         self.sink.start()
