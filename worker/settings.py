@@ -251,6 +251,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{name} is required: set it in the environment or in .env (see .env.example)"
     message = re.sub(r"^Value error, ", "", str(error["msg"]))
+    message = " ".join(message.splitlines())  # a reason may quote the input raw (urlsplit's does): still one line
     return f"{name} is invalid: {message} (got {error.get('input')!r})"
 
 
