@@ -74,3 +74,26 @@ def raw_frames() -> st.SearchStrategy[bytes]:
         TOKENS,
         st.binary(min_size=416, max_size=416),
     )
+
+
+MUTATIONS = ("flip", "byte", "truncate", "extend")
+
+
+@st.composite
+def mutated_frames(draw: st.DrawFn, base: st.SearchStrategy[p.Packet] | None = None) -> bytes:
+    """A valid frame (of ``base``, any packet by default) after 1-4 mutations: bit flips, byte overwrites,
+    truncation (to any length, empty included) and extension (1-64 random bytes appended)."""
+    frame = bytearray(p.encode(draw(base if base is not None else packets())))
+    for kind in draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=4)):
+        if kind == "extend":
+            frame += draw(st.binary(min_size=1, max_size=64))
+        elif kind == "truncate":
+            del frame[draw(st.integers(0, len(frame))) :]
+        elif not frame:
+            continue  # nothing left to flip or overwrite
+        elif kind == "flip":
+            bit = draw(st.integers(0, len(frame) * 8 - 1))
+            frame[bit // 8] ^= 1 << (bit % 8)
+        else:
+            frame[draw(st.integers(0, len(frame) - 1))] = draw(U8)
+    return bytes(frame)

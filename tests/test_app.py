@@ -10,14 +10,17 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
 
+from tests import strategies as gen
 from tests.workerkit import worker_settings
 from worker import app, keys
 from worker import protocol as p
 from worker.app import Worker, WorkerThread, next_relogin
 from worker.instruments import InstrumentError, InstrumentIndex, bundled_master_path, load_instruments, load_master_file
 from worker.localredis import LocalRedis
-from worker.settings import IST, redact_url
+from worker.settings import IST, load, redact_url
 from worker.simulator import MASTER_PATH, SimulatorThread
 
 
@@ -142,3 +145,31 @@ def test_a_worker_that_outlives_its_stop_timeout_is_reported(
     assert "the worker thread did not stop within 0 s" in caplog.text
     thread.stop()
     assert not thread._thread.is_alive()
+
+
+FUZZ_INDEX = InstrumentIndex(load_master_file(bundled_master_path()))
+FUZZ_WORKER = Worker(
+    load(
+        angel_api_key="k", angel_client_code="C1", angel_pin="1", angel_totp_secret="S", angel_api_url="http://127.0.0.1:1",
+        angel_ws_url="ws://127.0.0.1:1/s", angel_instruments_url="master.json", buffer_max=50,
+    ),
+    FUZZ_INDEX,
+)  # fmt: skip
+FUZZ_WORKER.use_index(FUZZ_INDEX)
+#: Packets of instruments in the master (so the normalizer, not only the decoder, sees them), any field values.
+KNOWN_PACKETS = st.tuples(gen.packets(), st.sampled_from(list(FUZZ_INDEX))).map(
+    lambda pair: pair[0]._replace(exchange_type=pair[1].exchange_type, token=pair[1].token)
+)
+
+
+@given(gen.mutated_frames(KNOWN_PACKETS) | st.binary(max_size=500), st.integers(0, 2**62))
+def test_fuzz_the_worker_takes_any_frame_without_raising(frame: bytes, recv_us: int) -> None:
+    """What the feed hands on_frame: a frame is decoded and queued, or counted as undecodable; nothing else."""
+    worker, normalizer = FUZZ_WORKER, FUZZ_WORKER.normalizer
+
+    def outcomes() -> int:
+        return worker.decode_errors + normalizer.skipped + normalizer.repeats + sum(normalizer.received)
+
+    before = outcomes()
+    worker.on_frame(frame, recv_us)
+    assert outcomes() == before + 1, "exactly one outcome: undecodable, skipped, a repeat, or received"

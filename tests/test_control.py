@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
+import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -19,16 +21,20 @@ from redis.backoff import NoBackoff
 from worker import keys
 from worker.control import (
     ACTIONS,
+    CONTROL_BURST,
+    CONTROL_RATE,
     MAX_COMMAND_BYTES,
     MAX_SYMBOLS_PER_COMMAND,
     Command,
     CommandError,
     Control,
+    RateLimit,
     parse_command,
 )
 from worker.instruments import InstrumentIndex, bundled_master_path, load_master_file
 from worker.localredis import LocalRedis, free_port
 from worker.schema import MODES_BY_NAME
+from worker.settings import Settings
 
 INDEX = InstrumentIndex(load_master_file(bundled_master_path()))
 Wire = tuple[int, str]
@@ -472,3 +478,172 @@ def test_run_survives_a_long_outage() -> None:
                 await asyncio.to_thread(server.__exit__)
 
     play(f"redis://127.0.0.1:{port}/0", scenario)
+
+
+# ---------------------------------------------------------------------------------------------- the rate limit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_bucket_lets_a_burst_through_then_the_rate() -> None:
+    clock = Clock()
+    bucket = RateLimit(2.0, 3, clock)
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    clock.now += 0.25  # half a token
+    assert not bucket.take()
+    clock.now += 0.25  # one
+    assert [bucket.take(), bucket.take()] == [True, False]
+    clock.now += 3600  # a long quiet spell refills the burst, no more
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+
+
+def test_the_rate_limit_error_says_what_and_how_to_fix_it() -> None:
+    error = RateLimit(2.5, 7).error("r9")
+    assert error.request_id == "r9"
+    assert str(error) == (
+        "rate limited: more than 2.5 commands/s (bursts of 7), so this one was not applied: "
+        f"batch symbols into one command (up to {MAX_SYMBOLS_PER_COMMAND}) or raise CONTROL_RATE"
+    )
+
+
+def test_a_control_plane_is_rate_limited_by_default_as_the_settings_say() -> None:
+    control = Control(cast(aioredis.Redis, None), INDEX, FakeFeed().apply, Events(), 10)  # never used here
+    assert (control.limit.rate, control.limit.burst) == (CONTROL_RATE, CONTROL_BURST)
+    assert Settings.model_fields["control_rate"].default == CONTROL_RATE
+    assert Settings.model_fields["control_burst"].default == CONTROL_BURST
+
+
+def test_commands_over_the_rate_are_answered_counted_and_not_applied(
+    redis_server: LocalRedis, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+
+    async def scenario(control: Control, feed: FakeFeed, events: Events, client: aioredis.Redis) -> None:
+        control.limit = RateLimit(1.0, 2, clock)
+        await control.handle(cmd(action="subscribe", symbols=["NSE:SBIN-EQ"], request_id="a1"))
+        await control.handle(cmd(action="subscribe", symbols=["NSE:INFY-EQ"], request_id="a2"))
+        with caplog.at_level(logging.INFO, logger="worker.control"):
+            await control.handle(cmd(action="subscribe", symbols=["NSE:TCS-EQ"], request_id="a3"))
+            await control.handle(cmd(action="unsubscribe", symbols=["NSE:SBIN-EQ"], request_id="a4"))
+            await control.handle("not json")  # over the limit, whatever it says
+            await control.handle(cmd(action="subcribe", request_id="a5"))
+        assert [(kind, answer["request_id"]) for kind, answer in events.items] == [
+            ("command_accepted", "a1"), ("command_accepted", "a2"), ("command_error", "a3"),
+            ("command_error", "a4"), ("command_error", ""), ("command_error", "a5"),
+        ]  # fmt: skip
+        for _, answer in events.items[2:]:
+            assert answer["error"] == str(control.limit.error(str(answer["request_id"])))
+        assert await subscriptions(client) == {"NSE:SBIN-EQ": "ltp", "NSE:INFY-EQ": "ltp"}
+        assert feed.want == {SBIN: 1, INFY: 1}
+        assert (control.stats.commands, control.stats.errors, control.stats.rate_limited) == (6, 4, 4)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert [r.getMessage() for r in warnings] == [
+            f"control: {control.limit.error('a3')} (each refusal is answered and counted; not logged again)"
+        ]
+        assert not [r for r in caplog.records if r.levelno == logging.INFO]  # no line per refused command
+
+        caplog.clear()
+        clock.now += 1.0  # one token back
+        with caplog.at_level(logging.INFO, logger="worker.control"):
+            await control.handle(cmd(action="subscribe", symbols=["NSE:TCS-EQ"], request_id="b1"))
+            await control.handle(cmd(action="subscribe", symbols=["NSE:RELIANCE-EQ"], request_id="b2"))
+        assert events.items[-2][0] == "command_accepted"
+        assert events.items[-1][1]["error"] == str(control.limit.error("b2"))
+        assert await subscriptions(client) == {"NSE:SBIN-EQ": "ltp", "NSE:INFY-EQ": "ltp", "NSE:TCS-EQ": "ltp"}
+        assert [r.getMessage() for r in caplog.records] == [
+            "control: accepting commands again after 4 refused over the rate limit",
+            f"control: {control.limit.error('b2')} (each refusal is answered and counted; not logged again)",
+        ]
+        assert control.stats.rate_limited == 5
+
+        clock.now += 1.0  # a bad command within the budget gets its own error, not the rate's
+        await control.handle(cmd(action="subcribe", request_id="c1"))
+        assert "unknown action 'subcribe'" in str(events.items[-1][1]["error"])
+        assert (control.stats.errors, control.stats.rate_limited) == (6, 5)
+
+    play(redis_server.url, scenario)
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+#: Symbols that are not in the master, each shaped to be harmful if it ever became (part of) a key.
+HOSTILE = [
+    "ticks:NSE:SBIN-EQ", "NSE:SBIN-EQ\r\nFLUSHALL", "*:*", "angelstream:subscriptions", "NSE:../../etc/passwd",
+    "NSE:SBIN-EQ\x00x", "{NSE}:SBIN-EQ", "NSE:SBIN-EQ:staging", "candles:1m:NSE:SBIN-EQ", "NSE:" + "A" * 5000,
+]  # fmt: skip
+
+
+def spy_on(client: aioredis.Redis) -> list[tuple[Any, ...]]:
+    """Every command ``client`` sends from now on (name and arguments)."""
+    sent: list[tuple[Any, ...]] = []
+    real = client.execute_command
+
+    async def spy(*args: Any, **options: Any) -> Any:
+        sent.append(args)
+        return await real(*args, **options)
+
+    client.execute_command = spy  # type: ignore[method-assign]
+    return sent
+
+
+def test_an_unknown_symbol_is_refused_before_any_key_is_touched_and_keys_come_from_keys_py(
+    redis_server: LocalRedis, redis_client: redis.Redis
+) -> None:
+    async def scenario(control: Control, feed: FakeFeed, events: Events, client: aioredis.Redis) -> None:
+        sent = spy_on(client)
+        for action in ("subscribe", "unsubscribe"):
+            for n, symbol in enumerate(HOSTILE):
+                await control.handle(cmd(action=action, symbols=["NSE:SBIN-EQ", symbol], request_id=f"h{n}"))
+                kind, answer = events.items[-1]
+                assert (kind, answer["request_id"]) == ("command_error", f"h{n}")
+                assert str(answer["error"]).startswith("not in the instrument master: ")
+        assert sent == [], "refused before a single Redis command"
+        assert redis_client.keys("*") == []
+
+        # Accepted symbols are written as the master spells them, never as the command did.
+        await control.handle(cmd(action="subscribe", symbols=[" nse:sbin-eq", "NSE:INFY-EQ "], request_id="ticks:*"))
+        assert events.items[-1][0] == "command_accepted"
+        assert {args[1] for args in sent} == {keys.SUBSCRIPTIONS}
+        [hset] = [args for args in sent if args[0] == "HSET"]
+        assert hset[2::2] == ("NSE:SBIN-EQ", "NSE:INFY-EQ")
+        assert redis_client.keys("*") == [keys.SUBSCRIPTIONS.encode()]
+
+    play(redis_server.url, scenario)
+
+
+KNOWN = ["NSE:SBIN-EQ", "nse:infy-eq", "BSE:SBIN", " NSE:TCS-EQ"]
+HOSTILE_SYMBOLS = st.sampled_from([*HOSTILE, *KNOWN]) | st.text(max_size=30).map(lambda s: "NSE:" + s)
+
+
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"action": st.sampled_from(ACTIONS), "symbols": st.lists(HOSTILE_SYMBOLS, min_size=1, max_size=4)},
+            optional={"mode": st.sampled_from([*MODES_BY_NAME, "ticks:*"]), "request_id": st.text(max_size=20)},
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_fuzz_commands_write_only_our_hash_with_master_symbols(bodies: list[dict[str, Any]]) -> None:
+    async def main() -> None:
+        client = fakeredis.FakeAsyncRedis(decode_responses=True)
+        sent = spy_on(client)
+        control = Control(client, INDEX, FakeFeed().apply, Events(), capacity=100)
+        for body in bodies:
+            before = await subscriptions(client)
+            await control.handle(json.dumps(body))
+            if any(INDEX.resolve(s) is None for s in body["symbols"]):
+                assert await subscriptions(client) == before
+        assert {args[1] for args in sent} <= {keys.SUBSCRIPTIONS}
+        assert set(await client.keys("*")) <= {keys.SUBSCRIPTIONS}
+        assert all(key in INDEX.by_key for key in await subscriptions(client))
+        await client.aclose()
+
+    asyncio.run(main())

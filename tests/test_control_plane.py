@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.test_health import metric, scrape
 from tests.workerkit import assert_tick_is, events, record_fault, sent_to, ticks, wait_for, worker_settings
 from worker import keys
 from worker.app import WorkerThread
+from worker.client import CommandRejected, send_command
 from worker.instruments import InstrumentIndex, bundled_master_path, generate_master, load_master_file
 from worker.localredis import LocalRedis
 from worker.simulator import SimConfig, SimulatorThread
@@ -191,3 +193,33 @@ def test_bad_commands_each_get_their_error_while_the_set_keeps_streaming(
         assert redis_client.hgetall(keys.SUBSCRIPTIONS) == {b"NSE:SBIN-EQ": b"quote"}
         settle(sim, redis_client, worker, ["NSE:SBIN-EQ"])
         assert_continuous(sim, redis_client, "NSE:SBIN-EQ")
+
+
+def test_a_flood_of_commands_is_rate_limited_and_the_worker_streams_on(
+    sim: SimulatorThread, redis_client: redis.Redis, redis_server: LocalRedis
+) -> None:
+    redis_client.hset(keys.SUBSCRIPTIONS, "NSE:SBIN-EQ", "quote")
+    others = sorted(k for k in INDEX.by_key if k.startswith("NSE:") and k.endswith("-EQ") and k != "NSE:SBIN-EQ")
+    flood = others[:10]
+    with WorkerThread(worker_settings(sim, redis_server.url, control_rate=0.01, control_burst=3)) as worker:
+        wait_for(lambda: redis_client.xlen("ticks:NSE:SBIN-EQ") > 3, what="SBIN ticks")
+        for n, symbol in enumerate(flood):
+            send(redis_client, {"action": "subscribe", "symbols": [symbol], "request_id": f"f{n}"})
+        answers = [answer(redis_client, f"f{n}") for n in range(len(flood))]
+        assert [a["type"] for a in answers] == ["command_accepted"] * 3 + ["command_error"] * 7
+        for refused in answers[3:]:
+            assert refused["error"].startswith("rate limited: more than 0.01 commands/s (bursts of 3), so this one ")
+        with pytest.raises(CommandRejected, match=r"^rate limited: .*: batch symbols into one command"):
+            send_command(redis_client, "subscribe", [flood[-1]])
+        assert redis_client.hgetall(keys.SUBSCRIPTIONS) == {
+            k.encode(): m for k, m in [("NSE:SBIN-EQ", b"quote")] + [(k, b"ltp") for k in flood[:3]]
+        }
+        assert worker.worker.health is not None
+        metrics = scrape(worker.worker.health.url)
+        assert metric(metrics, "angelstream_control_commands_total") == 11
+        assert metric(metrics, "angelstream_control_refused_total") == 8
+        assert metric(metrics, "angelstream_control_rate_limited_total") == 8
+        settle(sim, redis_client, worker, ["NSE:SBIN-EQ", *flood[:3]])
+        for key in ["NSE:SBIN-EQ", *flood[:3]]:
+            assert_continuous(sim, redis_client, key)
+        assert [c.connects for c in worker.worker.feed.connections] == [1]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from worker.cli import _PASS_THROUGH, build_parser
-from worker.settings import CandleSettings, Settings
+from worker.settings import CandleSettings, Settings, load, plaintext_warnings
 
 ROOT = Path(__file__).parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -78,10 +78,20 @@ def test_the_demo_profile_needs_no_credentials() -> None:
     assert env["ANGEL_API_URL"] == "http://sim:8700"
     assert env["ANGEL_WS_URL"].startswith("ws://sim:8700/")
     assert SERVICES["demo-worker"]["depends_on"]["sim"] == {"condition": "service_healthy"}
+    assert plaintext_warnings(load(**{k.lower(): v for k, v in env.items()})) == [
+        f"{name}={env[name]} is UNENCRYPTED (no TLS) and leaves this machine, allowed by ANGEL_ALLOW_PLAINTEXT=true: "
+        "only for a simulator on a network you trust, never Angel One"
+        for name in ("ANGEL_API_URL", "ANGEL_WS_URL", "ANGEL_INSTRUMENTS_URL")
+    ], "the demo worker's settings load: the simulator's plain http/ws is explicitly allowed"
     assert "healthcheck" in SERVICES["sim"]
     subscribe = SERVICES["demo-subscribe"]["command"]
     assert subscribe[:5] == ["redis-cli", "-h", "redis", "HSET", "angelstream:subscriptions"]
     assert len(subscribe[5:]) % 2 == 0, "pairs of EXCHANGE:SYMBOL and mode"
+
+
+def test_the_live_worker_never_allows_plaintext() -> None:
+    assert "ANGEL_ALLOW_PLAINTEXT" not in SERVICES["worker"].get("environment", {})
+    assert Settings.model_fields["angel_allow_plaintext"].default is False
 
 
 def test_the_image_is_slim_non_root_healthchecked_and_stops_with_sigterm() -> None:

@@ -16,7 +16,7 @@ import requests
 
 from tests.workerkit import events, metric, scrape, wait_for, worker_settings
 from worker import keys
-from worker.app import WorkerThread
+from worker.app import Worker, WorkerThread
 from worker.health import market_open
 from worker.localredis import LocalRedis
 from worker.logs import JsonFormatter, KeyValueFormatter, configure
@@ -196,3 +196,13 @@ def test_log_lines_are_key_value_or_json(capsys: pytest.CaptureFixture[str]) -> 
     record = logging.LogRecord("x", logging.ERROR, "f", 1, "oops", None, (ValueError, ValueError("v"), None))
     assert "\n" not in KeyValueFormatter().format(record)
     assert json.loads(JsonFormatter().format(record))["exc"] == "ValueError: v"
+
+
+def test_metrics_of_a_worker_not_yet_running_read_zero_commands(sim: SimulatorThread) -> None:
+    worker = Worker(worker_settings(sim, "redis://127.0.0.1:1/0"))
+    assert worker.control is None
+    assert worker.status is None
+    text = worker.metrics.render().decode()
+    for name in ("commands", "refused", "rate_limited"):
+        assert metric(text, f"angelstream_control_{name}_total") == 0
+    assert metric(text, "angelstream_subscriptions", state="live") == 0

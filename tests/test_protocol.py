@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import struct
+from collections.abc import Callable
 
 import pytest
-from hypothesis import given
+from hypothesis import find, given
 from hypothesis import strategies as st
 
 from tests import strategies as gen
@@ -110,20 +110,57 @@ def test_decode_errors_are_typed_and_clear(frame: bytes, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def decodes_or_raises_decode_error_only(frame: bytes) -> None:
+    """Any other exception fails the test; a DecodeError is one line, a packet has its mode's length."""
+    try:
+        packet = p.decode(frame)
+    except p.DecodeError as exc:
+        error = str(exc)
+    else:
+        assert len(frame) == p.PACKET_SIZE[p.Mode(packet.mode)]
+        assert packet.token.isascii()
+        assert packet.token
+        return
+    assert len(error.splitlines()) == 1
+
+
 @given(st.binary(max_size=500))
 def test_random_bytes_decode_or_raise_decode_error_only(frame: bytes) -> None:
-    with contextlib.suppress(p.DecodeError):
-        p.decode(frame)
+    decodes_or_raises_decode_error_only(frame)
 
 
-@given(gen.packets(), st.data())
-def test_mutated_frames_decode_or_raise_decode_error_only(packet: p.Packet, data: st.DataObject) -> None:
-    frame = bytearray(p.encode(packet))
-    cut = data.draw(st.integers(0, len(frame)))
-    position = data.draw(st.integers(0, len(frame) - 1))
-    frame[position] = data.draw(gen.U8)
-    with contextlib.suppress(p.DecodeError):
-        p.decode(bytes(frame[:cut] if data.draw(st.booleans()) else frame))
+@given(st.sampled_from(list(p.PACKET_SIZE.values())).flatmap(lambda size: st.binary(min_size=size, max_size=size)))
+def test_random_bytes_of_a_packets_length_decode_or_raise_decode_error_only(frame: bytes) -> None:
+    decodes_or_raises_decode_error_only(frame)
+
+
+@given(gen.mutated_frames())
+def test_mutated_frames_decode_or_raise_decode_error_only(frame: bytes) -> None:
+    decodes_or_raises_decode_error_only(frame)
+
+
+LTP = p.LtpPacket(1, 1, "3045", 1_234_567, 1_735_201_464_000, 80_050)
+LTP_FRAME = p.encode(LTP)
+
+
+def bits_changed(a: bytes, b: bytes) -> int:
+    return bin(int.from_bytes(a) ^ int.from_bytes(b)).count("1")
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        lambda f: len(f) == len(LTP_FRAME) and bits_changed(f, LTP_FRAME) == 1,  # one bit flipped
+        lambda f: len(f) == len(LTP_FRAME) and bits_changed(f, LTP_FRAME) > 4,  # bytes overwritten
+        lambda f: len(f) == len(LTP_FRAME) and f[0] == 3,  # the mode byte says SnapQuote: too short for it
+        lambda f: 0 < len(f) < len(LTP_FRAME) and LTP_FRAME.startswith(f),  # truncated
+        lambda f: f == b"",  # truncated to nothing
+        lambda f: len(f) > len(LTP_FRAME) and f.startswith(LTP_FRAME),  # extended
+        lambda f: len(f) > len(LTP_FRAME) and f[0] in (2, 3, 4),  # extended and relabelled as a longer mode
+    ],
+)
+def test_the_mutations_reach_every_kind_of_damage(condition: Callable[[bytes], bool]) -> None:
+    assert condition(find(gen.mutated_frames(st.just(LTP)), condition))
 
 
 @pytest.mark.parametrize(

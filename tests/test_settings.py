@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from worker import settings as settings_module
-from worker.settings import CandleSettings, RedisSettings, Settings, SettingsError, load
+from worker.settings import CandleSettings, RedisSettings, Settings, SettingsError, load, plaintext_warnings
 
 REQUIRED = {
     "ANGEL_API_KEY": "key-Zq81",
@@ -42,7 +44,7 @@ def error_of(**overrides: Any) -> str:
     with pytest.raises(SettingsError) as info:
         load(**overrides)
     message = str(info.value)
-    assert "\n" not in message
+    assert len(message.splitlines()) == 1  # not only \n: \r, \v, \x1c, \x85, \u2028 … break lines too
     assert info.value.__cause__ is None
     assert info.value.__context__ is None  # nothing of the rejected input travels with the error
     return message
@@ -166,6 +168,102 @@ def test_angel_ws_url_schemes_accepted(url: str) -> None:
 @pytest.mark.parametrize("url", ["https://smartapisocket.angelone.in", "smartapisocket.angelone.in"])
 def test_angel_ws_url_other_schemes_rejected(url: str) -> None:
     assert error_of(angel_ws_url=url).startswith("ANGEL_WS_URL is invalid: must be a wss://")
+
+
+# ----------------------------------------------------------------- TLS, and plaintext only for the simulator
+
+ENDPOINT_VARS = ("ANGEL_API_URL", "ANGEL_WS_URL", "ANGEL_INSTRUMENTS_URL")
+
+
+def plain(var: str, host: str) -> str:
+    return f"ws://{host}/smart-stream" if var == "ANGEL_WS_URL" else f"http://{host}/x"
+
+
+@pytest.mark.usefixtures("required_env")
+@pytest.mark.parametrize("var", ENDPOINT_VARS)
+@pytest.mark.parametrize("host", ["127.0.0.1:8700", "127.5.6.7", "localhost:8700", "LocalHost", "[::1]:8700"])
+def test_plaintext_to_a_loopback_host_is_accepted(var: str, host: str) -> None:
+    url = plain(var, host)
+    assert getattr(load(**{var.lower(): url}), var.lower()) == url
+
+
+@pytest.mark.usefixtures("required_env")
+@pytest.mark.parametrize("var", ENDPOINT_VARS)
+@pytest.mark.parametrize(
+    ("host", "named"),
+    [("sim:8700", "sim"), ("10.0.0.5", "10.0.0.5"), ("apiconnect.angelone.in", "apiconnect.angelone.in"),
+     ("127.0.0.1.evil.example", "127.0.0.1.evil.example"), ("0.0.0.0:8700", "0.0.0.0"),
+     ("[2001:db8::1]:80", "2001:db8::1"), ("localhost.evil.example", "localhost.evil.example")],
+)  # fmt: skip
+def test_plaintext_to_any_other_host_is_refused(var: str, host: str, named: str) -> None:
+    url = plain(var, host)
+    scheme = url.split(":")[0]
+    assert error_of(**{var.lower(): url}) == (
+        f"{var} is invalid: {scheme}:// to {named!r} is unencrypted (credentials and ticks in clear): use "
+        f"{scheme}s://, or set ANGEL_ALLOW_PLAINTEXT=true if it is a simulator on a network you trust (got {url!r})"
+    )
+
+
+@pytest.mark.usefixtures("required_env")
+@pytest.mark.parametrize("var", ENDPOINT_VARS)
+def test_plaintext_to_another_host_with_the_explicit_opt_in(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    monkeypatch.setenv("ANGEL_ALLOW_PLAINTEXT", "true")
+    monkeypatch.setenv(var, plain(var, "sim:8700"))
+    assert getattr(load(), var.lower()).startswith(("http://sim:8700", "ws://sim:8700"))
+    monkeypatch.setenv("ANGEL_ALLOW_PLAINTEXT", "perhaps")
+    assert error_of().startswith("ANGEL_ALLOW_PLAINTEXT is invalid: Input should be a valid boolean")
+
+
+@pytest.mark.usefixtures("required_env")
+def test_tls_endpoints_need_no_opt_in_and_a_file_is_not_a_url() -> None:
+    s = load(
+        angel_api_url="https://api.example:8443/", angel_ws_url="wss://10.0.0.5/s", angel_instruments_url="master.json"
+    )
+    assert (s.angel_api_url, s.angel_ws_url, s.angel_instruments_url) == (
+        "https://api.example:8443", "wss://10.0.0.5/s", "master.json",
+    )  # fmt: skip
+    assert plaintext_warnings(s) == []
+
+
+@pytest.mark.usefixtures("required_env")
+@pytest.mark.parametrize("var", ENDPOINT_VARS)
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [("https://", "must name a host: scheme://host[:port]/path"),
+     ("https://:443/x", "must name a host: scheme://host[:port]/path"),
+     ("https://[::1/x", "is not a valid URL (Invalid IPv6 URL)"),
+     ("https://host:99999/x", "is not a valid URL (Port out of range 0-65535)"),
+     ("https://host:port/x", "is not a valid URL (Port could not be cast to integer value as 'port')")],
+)  # fmt: skip
+def test_an_endpoint_must_be_a_url_with_a_host(var: str, url: str, message: str) -> None:
+    url = url.replace("https", "wss") if var == "ANGEL_WS_URL" else url
+    assert error_of(**{var.lower(): url}) == f"{var} is invalid: {message} (got {url!r})"
+
+
+@pytest.mark.usefixtures("required_env")
+def test_a_reason_that_quotes_the_input_raw_is_still_one_line() -> None:
+    """urlsplit's NFKC check puts the host into its message as is, U+2028 (a line break) and all."""
+    url = "https://a\u2028b\uff0fc/x"
+    assert error_of(angel_api_url=url) == (
+        "ANGEL_API_URL is invalid: is not a valid URL (netloc 'a b\uff0fc' contains invalid characters under NFKC "
+        f"normalization) (got {url!r})"
+    )
+
+
+@pytest.mark.usefixtures("required_env")
+def test_each_plaintext_endpoint_gets_a_warning_naming_it() -> None:
+    s = load(
+        angel_api_url="http://127.0.0.1:8700",
+        angel_ws_url="wss://smartapisocket.angelone.in/smart-stream",
+        angel_instruments_url="http://10.1.2.3:8700/m.json",
+        angel_allow_plaintext=True,
+    )
+    assert plaintext_warnings(s) == [
+        "ANGEL_API_URL=http://127.0.0.1:8700 is UNENCRYPTED (no TLS): only for the local simulator, never Angel One",
+        "ANGEL_INSTRUMENTS_URL=http://10.1.2.3:8700/m.json is UNENCRYPTED (no TLS) and leaves this machine, allowed "
+        "by ANGEL_ALLOW_PLAINTEXT=true: only for a simulator on a network you trust, never Angel One",
+    ]
+    assert plaintext_warnings(load()) == []  # the defaults: Angel One, TLS
 
 
 @pytest.mark.usefixtures("required_env")
@@ -348,3 +446,82 @@ def test_the_log_format_is_text_or_json(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert load(**base, log_format="JSON").log_format == "json"
     with pytest.raises(SettingsError, match="LOG_FORMAT is invalid: must be text or json"):
         load(**base, log_format="xml")
+
+
+# ----------------------------------------------------------------- fuzz: whatever the input, one line naming it
+
+FIELDS = sorted(Settings.model_fields)
+SCHEMES = st.sampled_from(["http://", "https://", "ws://", "wss://", "redis://", "rediss://", "unix://", ""])
+#: Any character, and more often the ones URL parsers and one-line messages trip on: delimiters, their
+#: full-width look-alikes (NFKC turns them into delimiters), line breaks beyond \n, controls, non-ASCII.
+TRICKY = "/:?#@[]%\\ \t\r\n\v\f\x1c\x85\u2028\u2029\x00\x7f\uff0f\uff1a\uff1f\uff03\uff20\u2100\u00e9\u0964"
+URL_CHARS = st.characters(codec="utf-8", exclude_categories=["Cs"]) | st.sampled_from(TRICKY)
+HOSTS = st.sampled_from(["127.0.0.1", "localhost", "[::1]", "sim", "[::1", "::", "10.0.0.5", "", "127.0.0.1.x"])
+URLS = st.builds(
+    lambda scheme, host, port, path: scheme + host + port + path,
+    SCHEMES,
+    HOSTS | st.text(URL_CHARS) | st.tuples(HOSTS, st.text(URL_CHARS, max_size=3)).map("".join),
+    st.sampled_from(["", ":8700", ":0", ":65536", ":-1", ":port", ":"])
+    | st.text(URL_CHARS, max_size=4).map(":".__add__),
+    st.text(URL_CHARS, max_size=12),
+)
+NUMBERS = st.one_of(
+    st.integers(), st.floats(), st.decimals(allow_nan=True), st.sampled_from(["0", "-1", "1e309", "nan", "inf", "-0"])
+)
+VALUES = st.one_of(
+    URLS, NUMBERS, NUMBERS.map(str), st.text(URL_CHARS), st.booleans(), st.none(), st.binary(max_size=8),
+    st.lists(st.integers(), max_size=2), st.times(), st.sampled_from(["true", "no", "25:00", "08:30", "json", "x"]),
+)  # fmt: skip
+#: What the environment can hold: str without NUL (and without lone surrogates, as URL_CHARS).
+ENV_TEXT = st.one_of(URLS, NUMBERS.map(str), st.text(URL_CHARS)).map(lambda text: text.replace("\x00", ""))
+
+
+def check_loaded_or_one_line(overrides: dict[str, Any]) -> None:
+    """Settings, or SettingsError: one line naming a setting, no exception chained; anything else fails."""
+    try:
+        load(**overrides)
+    except SettingsError as exc:
+        error = exc
+    else:
+        return
+    message = str(error)
+    assert len(message.splitlines()) == 1, message
+    assert error.__cause__ is None
+    assert error.__context__ is None
+    name, _, rest = message.partition(" is ")
+    assert name.lower() in Settings.model_fields, message
+    assert rest.startswith(("invalid: ", "required: ")), message
+    if name in SECRET_VARS:
+        assert "**********" in message
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=4))
+@pytest.mark.usefixtures("required_env")
+def test_fuzz_any_overrides_load_or_fail_with_one_line_naming_the_setting(overrides: dict[str, Any]) -> None:
+    check_loaded_or_one_line(overrides)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(FIELDS), ENV_TEXT, max_size=4))
+@pytest.mark.usefixtures("required_env")
+def test_fuzz_any_environment_loads_or_fails_with_one_line_naming_the_setting(env: dict[str, str]) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name.upper(), value)
+        check_loaded_or_one_line({})
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.sampled_from([var.lower() for var in ENDPOINT_VARS]),
+    st.sampled_from(["http://", "https://", "ws://", "wss://"]),
+    st.text(st.sampled_from(TRICKY + "a1.-"), max_size=8),
+    st.text(URL_CHARS, max_size=8),
+    st.booleans(),
+)
+@pytest.mark.usefixtures("required_env")
+def test_fuzz_endpoints_with_awkward_hosts_load_or_fail_with_one_line(
+    name: str, scheme: str, host: str, rest: str, allow_plaintext: bool
+) -> None:
+    check_loaded_or_one_line({name: scheme + host + rest, "angel_allow_plaintext": allow_plaintext})

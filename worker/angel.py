@@ -105,7 +105,8 @@ def login(api_url: str, api_key: str, client_code: str, pin: str, totp_secret: s
         totp = pyotp.TOTP(totp_secret).now()
     except Exception:
         raise LoginError("ANGEL_TOTP_SECRET is not a valid base32 TOTP secret") from None
-    connect = load_sdk().SmartConnect(api_key=api_key, root=api_url, timeout=timeout)
+    # disable_ssl=False: requests verifies the certificate (the SDK's default, made explicit here).
+    connect = load_sdk().SmartConnect(api_key=api_key, root=api_url, timeout=timeout, disable_ssl=False)
     try:
         reply = connect.generateSession(client_code, pin, totp)
     except Exception as exc:

@@ -22,12 +22,12 @@ import redis.asyncio as aioredis
 
 from worker import angel, keys
 from worker import protocol as p
-from worker.control import Control
+from worker.control import Control, RateLimit
 from worker.feed import Credentials, Feed, FeedConfig, cancel_all
 from worker.health import HealthServer, Metrics
 from worker.instruments import InstrumentError, InstrumentIndex, load_instruments, publish_index
 from worker.normalize import Normalizer
-from worker.settings import IST, Settings, redact_url
+from worker.settings import IST, Settings, plaintext_warnings, redact_url
 from worker.sink import Sink, redis_opener
 from worker.status import Status
 
@@ -198,6 +198,8 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
+        for warning in plaintext_warnings(s):
+            log.warning("%s", warning)
         index = self.index or await load_instruments(s.angel_instruments_url, s.connect_timeout, s.instruments_cache)
         self.use_index(index)
         self.sink.start()
@@ -216,8 +218,9 @@ class Worker:
                       s.health_host, s.health_port, exc.strerror)  # fmt: skip
             self.sink.event("health_unavailable", error=f"cannot listen on {s.health_host}:{s.health_port}")
         control = Control(
-            control_client, index, self.feed.apply, self.sink.event, self.feed.capacity, s.reconcile_interval
-        )
+            control_client, index, self.feed.apply, self.sink.event, self.feed.capacity, s.reconcile_interval,
+            RateLimit(s.control_rate, s.control_burst),
+        )  # fmt: skip
         self.control = control
         timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as http:

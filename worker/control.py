@@ -8,6 +8,12 @@
   writes the hash is obeyed too.
 * Every command is answered on ``angelstream:events`` with its ``request_id``: accepted (with the
   resolved tokens) or an error naming the problem. A bad command changes nothing.
+* Limits: a command is at most ``MAX_COMMAND_BYTES`` and ``MAX_SYMBOLS_PER_COMMAND`` symbols, each
+  symbol must be in the instrument master, and a token bucket (``CONTROL_RATE`` commands/s, bursts
+  of ``CONTROL_BURST``) bounds how many are applied: every message on the channel spends a token,
+  valid or not, and one that finds none is refused (answered, counted, not applied).
+* Nothing in a command becomes a Redis key: symbols are resolved to the master's own instruments
+  before anything is written, and every key comes from :mod:`worker.keys`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +37,9 @@ log = logging.getLogger(__name__)
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_SYMBOLS_PER_COMMAND = 3000
 ACTIONS = ("subscribe", "unsubscribe", "resync")
+#: Defaults of CONTROL_RATE (commands per second, on average) and CONTROL_BURST (commands at once).
+CONTROL_RATE = 10.0
+CONTROL_BURST = 50
 
 #: apply(want): make the feed serve exactly ``want`` ((exch, token) → mode); returns what did not fit.
 Apply = Callable[[dict[tuple[int, str], int]], Awaitable[list[tuple[int, str]]]]
@@ -92,10 +102,39 @@ def parse_command(raw: bytes | str) -> Command:
     return Command(str(action), tuple(dict.fromkeys(symbols)), str(mode), request_id)
 
 
+class RateLimit:
+    """A token bucket: ``burst`` commands at once, then ``rate`` per second on average."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        """Spend one token if there is one."""
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def error(self, request_id: str) -> CommandError:
+        return CommandError(
+            f"rate limited: more than {self.rate:g} commands/s (bursts of {self.burst}), so this one was not "
+            f"applied: batch symbols into one command (up to {MAX_SYMBOLS_PER_COMMAND}) or raise CONTROL_RATE",
+            request_id,
+        )
+
+
 @dataclass
 class ControlStats:
     commands: int = 0
-    errors: int = 0
+    errors: int = 0  # commands refused, for any reason
+    rate_limited: int = 0  # of which: over the rate limit
     reconciles: int = 0
     pubsub_reconnects: int = 0
     rejected: dict[str, str] = field(default_factory=dict)  # key → reason, from the last reconcile
@@ -112,6 +151,7 @@ class Control:
         event: EventSink,
         capacity: int,
         reconcile_interval: float = 30.0,
+        limit: RateLimit | None = None,
     ) -> None:
         self.client = client
         self.index = index
@@ -119,7 +159,9 @@ class Control:
         self._event = event
         self.capacity = capacity
         self.reconcile_interval = reconcile_interval
+        self.limit = limit or RateLimit(CONTROL_RATE, CONTROL_BURST)
         self.stats = ControlStats()
+        self._limited_run = 0  # refusals over the rate limit since the last command let through
         self.live: dict[str, Instrument] = {}  # what the feed serves now, by EXCHANGE:SYMBOL
         self._lock = asyncio.Lock()
 
@@ -157,15 +199,30 @@ class Control:
     async def handle(self, raw: bytes | str) -> None:
         """Apply one command and answer it on the events stream."""
         self.stats.commands += 1
+        allowed = self.limit.take()
+        if allowed and self._limited_run:
+            log.info("control: accepting commands again after %d refused over the rate limit", self._limited_run)
+            self._limited_run = 0
         try:
-            command = parse_command(raw)
+            command = parse_command(raw)  # even over the limit: bounded, and it finds the request_id to answer
+            if not allowed:
+                raise self.limit.error(command.request_id)
             answer = await self._execute(command)
         except CommandError as exc:
-            self.stats.errors += 1
-            log.info("command refused: %s", exc)
-            self._event("command_error", request_id=exc.request_id, error=str(exc))
+            self._refuse(exc if allowed else self.limit.error(exc.request_id), limited=not allowed)
             return
         self._event("command_accepted", **answer)
+
+    def _refuse(self, error: CommandError, limited: bool) -> None:
+        self.stats.errors += 1
+        if not limited:
+            log.info("command refused: %s", error)
+        else:
+            self.stats.rate_limited += 1
+            self._limited_run += 1
+            if self._limited_run == 1:  # one line per flood, not one per command
+                log.warning("control: %s (each refusal is answered and counted; not logged again)", error)
+        self._event("command_error", request_id=error.request_id, error=str(error))
 
     def _resolve(self, symbols: tuple[str, ...], request_id: str) -> list[Instrument]:
         found: list[Instrument] = []

@@ -207,6 +207,7 @@ class FeedConnection:
                 autoping=True,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0),
                 max_msg_size=1 << 20,
+                ssl=True,  # wss://: the certificate and host name are verified, always (unlike the SDK's socket)
             )
         except aiohttp.WSServerHandshakeError as exc:
             reason = exc.headers.get("x-error-message", exc.message) if exc.headers else exc.message

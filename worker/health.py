@@ -100,6 +100,13 @@ class _WorkerCollector(Collector):
         for name in ("pending", "live", "stale", "rejected"):
             subscriptions.add_metric([name], counts.get(name, 0))
         yield subscriptions
+        control = w.control.stats if w.control is not None else None
+        yield CounterMetricFamily("angelstream_control_commands", "Messages received on the command channel",
+                                  control.commands if control else 0)  # fmt: skip
+        yield CounterMetricFamily("angelstream_control_refused", "Commands refused (answered with command_error)",
+                                  control.errors if control else 0)  # fmt: skip
+        yield CounterMetricFamily("angelstream_control_rate_limited", "Commands refused over CONTROL_RATE",
+                                  control.rate_limited if control else 0)  # fmt: skip
         last = max(w.last_seen.values(), default=None)
         age = time.time() - last / 1e6 if last is not None else float("nan")
         yield GaugeMetricFamily("angelstream_last_tick_age_seconds", "Seconds since the last tick (NaN: none)", age)

@@ -170,7 +170,7 @@ async def fetch_master(source: str, timeout: float) -> bytes:
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(timeout, 60))) as session,
-                session.get(source) as response,
+                session.get(source, ssl=True) as response,  # https://: the certificate is verified, always
             ):
                 response.raise_for_status()
                 return await response.read()

@@ -2,15 +2,22 @@
 
 Nothing else reads the environment. Secrets are ``SecretStr``: they print as ``**********``.
 A missing or invalid setting is reported by :func:`load` as one line naming it.
+
+Angel's endpoints are https:// and wss://, always with certificate verification. Plaintext
+(http://, ws://) is the opt-out for the simulator: accepted for a loopback host (127.0.0.0/8, ::1,
+localhost), refused for any other host unless ``ANGEL_ALLOW_PLAINTEXT=true``; the worker warns about
+each plaintext endpoint at startup (:func:`plaintext_warnings`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import time, timedelta, timezone
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -63,6 +70,9 @@ class Settings(BaseSettings):
     angel_client_code: str = Field(min_length=1, description="Angel One client code, e.g. A123456")
     angel_pin: SecretStr = Field(min_length=1, description="the account PIN (MPIN) used to log in")
     angel_totp_secret: SecretStr = Field(min_length=1, description="base32 TOTP secret of the account")
+    angel_allow_plaintext: bool = Field(
+        False, description="allow http:// and ws:// to a host other than loopback (a simulator elsewhere)"
+    )
     angel_api_url: str = Field(ANGEL_API_URL, description="REST root for login")
     angel_ws_url: str = Field(ANGEL_WS_URL, description="SmartStream WebSocket URL")
     angel_instruments_url: str = Field(ANGEL_INSTRUMENTS_URL, description="instrument master: https URL or file path")
@@ -87,6 +97,12 @@ class Settings(BaseSettings):
     # --- Control plane and health
     reconcile_interval: PositiveFloat = Field(
         30.0, description="seconds between re-reads of angelstream:subscriptions (commands apply at once)"
+    )
+    control_rate: PositiveFloat = Field(
+        10.0, description="commands/s accepted on angelstream:control on average; more are refused"
+    )
+    control_burst: PositiveInt = Field(
+        50, description="commands accepted at once on angelstream:control before CONTROL_RATE applies"
     )
     status_interval: PositiveFloat = Field(
         1.0, description="seconds between updates of angelstream:state and the angelstream:heartbeat key"
@@ -128,17 +144,26 @@ class Settings(BaseSettings):
 
     @field_validator("angel_api_url")
     @classmethod
-    def _http_scheme(cls, value: str) -> str:
+    def _http_scheme(cls, value: str, info: ValidationInfo) -> str:
         if not value.startswith(("https://", "http://")):
             raise ValueError("must be an http(s):// URL")
+        _check_endpoint(value, info)
         return value.rstrip("/")
 
     @field_validator("angel_ws_url")
     @classmethod
-    def _ws_scheme(cls, value: str) -> str:
+    def _ws_scheme(cls, value: str, info: ValidationInfo) -> str:
         if not value.startswith(("wss://", "ws://")):
             raise ValueError("must be a wss:// (or ws:// for the local simulator) URL")
+        _check_endpoint(value, info)
         return value
+
+    @field_validator("angel_instruments_url")
+    @classmethod
+    def _instruments_source(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith(("https://", "http://")):
+            _check_endpoint(value, info)
+        return value  # else a file path
 
     @field_validator("log_format")
     @classmethod
@@ -160,6 +185,59 @@ class Settings(BaseSettings):
         return shown | {"redis_url": redact_url(self.redis_url)}
 
 
+PLAINTEXT = ("http://", "ws://")
+ENDPOINTS = ("angel_api_url", "angel_ws_url", "angel_instruments_url")
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_of(url: str) -> str:
+    """The host of an http(s)/ws(s) URL; ValueError (a one-line reason) if it has none."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed for its ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from None
+    if not parts.hostname:
+        raise ValueError("must name a host: scheme://host[:port]/path")
+    return parts.hostname
+
+
+def _check_endpoint(url: str, info: ValidationInfo) -> None:
+    host = host_of(url)
+    if url.startswith(PLAINTEXT) and not is_loopback(host) and not info.data.get("angel_allow_plaintext"):
+        scheme = url.split(":", 1)[0]
+        raise ValueError(
+            f"{scheme}:// to {host!r} is unencrypted (credentials and ticks in clear): use {scheme}s://, "
+            "or set ANGEL_ALLOW_PLAINTEXT=true if it is a simulator on a network you trust"
+        )
+
+
+def plaintext_warnings(settings: Settings) -> list[str]:
+    """One line per Angel endpoint without TLS, for the worker to log at startup."""
+    lines = []
+    for name in ENDPOINTS:
+        url = getattr(settings, name)
+        if not url.startswith(PLAINTEXT):
+            continue
+        if is_loopback(host_of(url)):
+            lines.append(f"{name.upper()}={url} is UNENCRYPTED (no TLS): only for the local simulator, never Angel One")
+        else:
+            lines.append(
+                f"{name.upper()}={url} is UNENCRYPTED (no TLS) and leaves this machine, allowed by "
+                "ANGEL_ALLOW_PLAINTEXT=true: only for a simulator on a network you trust, never Angel One"
+            )
+    return lines
+
+
 def redact_url(url: str) -> str:
     """A Redis URL without its password."""
     scheme, sep, rest = url.partition("://")
@@ -173,6 +251,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{name} is required: set it in the environment or in .env (see .env.example)"
     message = re.sub(r"^Value error, ", "", str(error["msg"]))
+    message = " ".join(message.splitlines())  # a reason may quote the input raw (urlsplit's does): still one line
     return f"{name} is invalid: {message} (got {error.get('input')!r})"
 
 

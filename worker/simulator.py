@@ -30,6 +30,7 @@ import json
 import logging
 import random
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -91,6 +92,7 @@ class SimConfig:
     record: bool = False  # keep every packet sent, for tests
     blast: bool = False  # start in blast mode (pre-encoded frames in a tight loop; no random walk)
     blast_rate: float = 0.0  # blast mode: frames per second per connection; 0: as fast as the socket drains
+    tls: ssl.SSLContext | None = None  # serve https:// and wss:// with this server context (tests of verification)
 
 
 # --------------------------------------------------------------------------- market model
@@ -245,11 +247,11 @@ class Simulator:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        return f"{'https' if self.config.tls else 'http'}://{self.config.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.config.host}:{self.port}{STREAM_PATH}"
+        return f"{'wss' if self.config.tls else 'ws'}://{self.config.host}:{self.port}{STREAM_PATH}"
 
     def worker_env(self) -> dict[str, str]:
         """The worker's ``ANGEL_*`` settings that point it at this simulator (as environment variables)."""
@@ -279,7 +281,7 @@ class Simulator:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, ssl_context=self.config.tls)
         await site.start()
         self.port = self._runner.addresses[0][1]
         self._spawn(self._pump())
