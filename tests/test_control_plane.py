@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.test_health import metric, scrape
-from tests.workerkit import assert_tick_is, events, record_fault, sent_to, ticks, wait_for, worker_settings
+from tests.workerkit import (
+    assert_tick_is,
+    events,
+    metric,
+    record_fault,
+    scrape,
+    sent_to,
+    ticks,
+    wait_for,
+    worker_settings,
+)
 from worker import keys
 from worker.app import WorkerThread
 from worker.client import CommandRejected, send_command
