@@ -741,6 +741,40 @@ def test_the_opened_link_outlives_redis_py_s_connection_object(redis_server: Loc
     run(scenario)
 
 
+class _RecordingTransport:
+    """A transport that keeps what is written: the replies are fed to the link by the test."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        self.high = high
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_replies_split_across_reads_are_handed_out_in_order_when_complete() -> None:
+    async def scenario() -> None:
+        transport = _RecordingTransport()
+        link = Link(cast(asyncio.StreamWriter, SimpleNamespace(transport=transport)), lambda: None)
+        ping = hiredis.pack_command(("PING",))
+        first, second = link.request([ping, ping]), link.request([ping])
+        assert transport.written == [ping + ping, ping]
+        link.data_received(b"+PONG\r\n+PO")
+        assert not first.done()
+        link.data_received(b"NG\r\n-ERR no\r\n")
+        assert first.result() == [b"PONG", b"PONG"]
+        [error] = second.result()
+        assert isinstance(error, hiredis.ReplyError)
+        assert str(error) == "ERR no"
+
+    run(scenario)
+
+
 def test_a_closed_link_fails_new_requests_at_once(redis_server: LocalRedis) -> None:
     changes: list[str] = []
 
