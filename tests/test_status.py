@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.workerkit import wait_for, worker_settings
 from worker import keys
@@ -13,6 +15,7 @@ from worker.app import WorkerThread
 from worker.instruments import Instrument, InstrumentIndex, bundled_master_path, load_master_file
 from worker.localredis import LocalRedis
 from worker.simulator import SimulatorThread
+from worker.status import STATES, SymbolState
 
 GHOST = Instrument("999999", "GHOST-EQ", "NSE", 1, "GHOST")  # in the worker's master, unknown to the exchange
 
@@ -87,3 +90,23 @@ def test_the_state_is_written_again_after_a_redis_restart(sim: SimulatorThread) 
             wait_for(lambda: state(client, "NSE:SBIN-EQ").get("state") == "live", timeout=15, what="state rewritten")
             wait_for(lambda: heartbeat(client), what="heartbeat rewritten")
         client.close()
+
+
+symbol_states = st.builds(
+    SymbolState,
+    state=st.sampled_from(STATES),
+    mode=st.sampled_from(["", "ltp", "quote", "snap_quote"]),
+    token=st.sampled_from(["", "3045", "1594"]),
+    since=st.integers(0, 2_000_000_000_000),
+    last_tick=st.none() | st.integers(1_700_000_000_000, 1_700_000_060_000),
+    reason=st.sampled_from(["", 'unknown mode "turbo"', "no such symbol"]),
+)
+
+
+@given(symbol_states, symbol_states)
+def test_equal_signatures_mean_equal_json_so_the_json_can_be_reused(a: SymbolState, b: SymbolState) -> None:
+    """The state hash reuses a symbol's JSON while its signature stays the same (publish's memo)."""
+    assert (a.signature() == b.signature()) == (a.to_json() == b.to_json())
+    decoded = json.loads(a.to_json())
+    assert decoded["state"] == a.state
+    assert decoded.get("last_tick") == a.signature()[4]

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 STATES = ("pending", "live", "stale", "rejected")
 LAST_TICK_RESOLUTION_MS = 10_000
-CHUNK = 500  # symbols serialized and written per step, so the event loop is never held long
+CHUNK = 200  # symbols serialized and written per step, so the event loop is never held long
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass
@@ -48,6 +49,11 @@ class SymbolState:
     since: int = 0  # epoch ms
     last_tick: int | None = None  # epoch ms
     reason: str = ""
+
+    def signature(self) -> tuple[str, str, str, int, int | None, str]:
+        """What :meth:`to_json` depends on: equal signatures, equal JSON."""
+        last = None if self.last_tick is None else self.last_tick - self.last_tick % LAST_TICK_RESOLUTION_MS
+        return (self.state, self.mode, self.token, self.since, last, self.reason)
 
     def to_json(self) -> str:
         """Compact JSON without empty fields; ``last_tick`` to the 10 s, so a live symbol is rewritten
@@ -62,7 +68,7 @@ class SymbolState:
             out["last_tick"] = self.last_tick - self.last_tick % LAST_TICK_RESOLUTION_MS
         if self.reason:
             out["reason"] = self.reason
-        return json.dumps(out, separators=(",", ":"))
+        return _ENCODE(out)
 
 
 class Status:
@@ -75,6 +81,7 @@ class Status:
         self.subscribed_at: dict[str, int] = {}  # key → epoch ms it joined the live set
         self.started_at = int(time.time() * 1000)
         self._written: dict[str, str] = {}  # what the state hash holds now
+        self._json: dict[str, tuple[tuple[Any, ...], str]] = {}  # key → (signature, JSON): serialized once
         self._last_written_count = 0
         self._last_at = time.monotonic()
         self._ttl = max(3, math.ceil(interval * 3))
@@ -154,10 +161,15 @@ class Status:
         now_ms = int(time.time() * 1000)
         states = list(self.compute(now_ms).items())
         current: dict[str, str] = {}
+        known, memo = self._json, {}
         for start in range(0, len(states), CHUNK):
             changed: dict[str, str] = {}
             for key, state in states[start : start + CHUNK]:
-                current[key] = value = state.to_json()
+                signature = state.signature()
+                last = known.get(key)
+                value = last[1] if last is not None and last[0] == signature else state.to_json()
+                memo[key] = (signature, value)
+                current[key] = value
                 if self._written.get(key) != value:
                     changed[key] = value
             if changed:
@@ -169,7 +181,7 @@ class Status:
             pipe.hdel(keys.STATE, *gone)
         pipe.set(keys.HEARTBEAT, json.dumps(self.heartbeat(now_ms), separators=(",", ":")), ex=self._ttl)
         await pipe.execute()
-        self._written = current
+        self._written, self._json = current, memo
 
     async def run(self) -> None:
         """Publish every ``interval`` until cancelled; a Redis outage only delays it."""
