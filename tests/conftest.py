@@ -17,7 +17,7 @@ from worker.simulator import SimConfig, SimulatorThread
 
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=100, deadline=None)
-#: The long run (README, "Fuzzing"): HYPOTHESIS_PROFILE=fuzz pytest -k fuzz ...
+#: The long run (README, "Fuzzing"): HYPOTHESIS_PROFILE=fuzz pytest -m hypothesis --timeout=0
 settings.register_profile(
     "fuzz", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable
 
 import pytest
-from hypothesis import find, given
+from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from tests import strategies as gen
@@ -286,3 +287,11 @@ def test_parse_text() -> None:
     assert p.parse_text("hello") == p.UnknownText("hello")
     assert p.parse_text("[1]") == p.UnknownText("[1]")
     assert p.parse_text('{"errorCode": 5}') == p.UnknownText('{"errorCode": 5}')
+
+
+def test_the_hypothesis_profile_is_chosen_by_the_environment() -> None:
+    chosen = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+    assert settings.default is not None
+    assert settings.default.max_examples == settings.get_profile(chosen).max_examples
+    assert settings.get_profile("ci").max_examples == 200
+    assert settings.get_profile("fuzz").max_examples == 20_000
