@@ -35,7 +35,7 @@ Pair = tuple[int, int, str]  # (mode, exchange type, token)
 #: Frames read in a row before the reader lets the loop run: ``receive()`` returns buffered frames
 #: without suspending, and at the market open the socket is never empty, so without this the sink's
 #: writer (same loop) would wait for the whole read buffer to be decoded before its next round trip.
-YIELD_EVERY = 100
+YIELD_EVERY = 30
 
 
 @dataclass(frozen=True)
