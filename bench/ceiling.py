@@ -21,7 +21,7 @@ import hiredis
 
 from worker import protocol as p
 from worker.instruments import generate_master
-from worker.normalize import Fields, Normalizer
+from worker.normalize import Normalizer, decode_fields
 from worker.schema import MODES_BY_NAME
 from worker.simulator import Market
 
@@ -35,7 +35,7 @@ class Ceiling:
     tool: str  # "redis-benchmark" or "python"
 
 
-def sample_fields(mode: str) -> Fields:
+def sample_fields(mode: str) -> tuple[str, ...]:
     """The fields of one real worker entry in ``mode`` (ltp, quote, snap_quote)."""
     inst = generate_master(1)[0]
     market = Market(inst, seed=1)
@@ -45,14 +45,14 @@ def sample_fields(mode: str) -> Fields:
     packet = p.decode(p.encode(market.packet(MODES_BY_NAME[mode])))
     entry = normalizer.entry(packet, time.time_ns() // 1000)
     assert entry is not None
-    return entry[1]
+    return decode_fields(entry[1])
 
 
-def xadd_args(fields: Fields, stream: str) -> list[str]:
-    return ["XADD", stream, "MAXLEN", "~", str(MAXLEN), "*", *map(str, fields)]
+def xadd_args(fields: tuple[str, ...], stream: str) -> list[str]:
+    return ["XADD", stream, "MAXLEN", "~", str(MAXLEN), "*", *fields]
 
 
-def redis_benchmark(port: int, fields: Fields, streams: int, requests: int) -> float:
+def redis_benchmark(port: int, fields: tuple[str, ...], streams: int, requests: int) -> float:
     """ops/s from ``redis-benchmark -c 1 -P 64 -r streams``: one connection, like the worker's writer."""
     binary = shutil.which("redis-benchmark")
     assert binary is not None
@@ -63,7 +63,7 @@ def redis_benchmark(port: int, fields: Fields, streams: int, requests: int) -> f
     return float(rows[-1][1])
 
 
-def python_writer(port: int, fields: Fields, streams: int, requests: int) -> float:
+def python_writer(port: int, fields: tuple[str, ...], streams: int, requests: int) -> float:
     """The same load from Python: pre-packed commands, pipelines of 64, replies parsed with hiredis."""
     commands = [hiredis.pack_command(tuple[Any](xadd_args(fields, f"ticks:NSE:{i:012d}"))) for i in range(streams)]
     batches = [b"".join(itertools.islice(itertools.cycle(commands), k, k + PIPELINE)) for k in range(0, 1024, PIPELINE)]

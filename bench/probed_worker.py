@@ -39,10 +39,8 @@ def _timed(apply: Callable[..., Any]) -> Callable[..., Any]:
         retried = {id(entry) for entry in again} if again else ()
         for entry in args[0]:  # (batch, results, held)
             if entry.stream != keys.EVENTS and id(entry) not in retried:
-                fields = entry.fields
-                recv_us = fields[fields.index("recv_ts") + 1]
                 _samples.append(now)
-                _samples.append(now - int(recv_us))
+                _samples.append(now - entry.us)
         return again
 
     return timed_apply

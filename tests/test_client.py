@@ -34,7 +34,7 @@ from worker.client import (
 )
 from worker.instruments import InstrumentIndex, bundled_master_path, generate_master, load_master_file
 from worker.localredis import LocalRedis, free_port
-from worker.normalize import Normalizer
+from worker.normalize import Normalizer, decode_fields
 from worker.protocol import LtpPacket, SnapQuotePacket
 from worker.schema import Tick
 from worker.simulator import SimConfig, SimulatorThread
@@ -199,7 +199,8 @@ def test_reads_what_the_normalizer_writes(redis_client: redis.Redis) -> None:
         out = n.entry(LtpPacket(1, usdinr.exchange_type, usdinr.token, seq, TS_MS, units), 1)
         assert out is not None
         stream, fields = out
-        written.append(redis_client.xadd(stream, dict(zip(fields[::2], fields[1::2], strict=True))))
+        flat = decode_fields(fields)
+        written.append(redis_client.xadd(stream, dict(zip(flat[::2], flat[1::2], strict=True))))
     levels = ((10, 835_000_000, 1),) * 5
     snap = SnapQuotePacket(
         3, usdinr.exchange_type, usdinr.token, 2, TS_MS, 835_030_000, 1, 1, 1, 1.5, 2.5, 1, 1, 1, 1,
@@ -207,7 +208,8 @@ def test_reads_what_the_normalizer_writes(redis_client: redis.Redis) -> None:
     )  # fmt: skip
     out = n.entry(snap, 2)
     assert out is not None
-    redis_client.xadd(out[0], dict(zip(out[1][::2], out[1][1::2], strict=True)))
+    flat = decode_fields(out[1])
+    redis_client.xadd(out[0], dict(zip(flat[::2], flat[1::2], strict=True)))
     latest = get_latest_ticks("USDINR29DEC26FUT", "CDS", count=5, client=redis_client)
     assert [t.mode for t in latest] == ["snap_quote", "ltp", "ltp"]
     assert [t.ltp for t in latest] == [Decimal(u) / 10**7 for u in (835_030_000, 835_025_000, 835_012_500)]

@@ -5,22 +5,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
 from collections.abc import Iterator
 from decimal import Decimal, localcontext
 from typing import Any
 
+import hiredis
 import pytest
 import redis
+from hiredis import pack_command
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis.typing import EncodableT, FieldT
 
 from tests import strategies as gen
 from worker import keys, normalize, schema
 from worker import protocol as p
 from worker.instruments import Instrument, bundled_master_path, load_master_file
 from worker.localredis import LocalRedis
-from worker.normalize import Normalizer, rupees_cds, rupees_paise
+from worker.normalize import Normalizer, decode_fields, encode_fields, rupees_cds, rupees_paise
 from worker.schema import Tick, parse_entry
 
 INSTRUMENTS = load_master_file(bundled_master_path())
@@ -47,15 +49,15 @@ def rupees(units: int, inst: Instrument) -> Decimal:
         return Decimal(units) / (Decimal(10_000_000) if inst.exchange == "CDS" else Decimal(100))
 
 
-def as_dict(fields: tuple[str | int | float, ...]) -> dict[str, str | int | float]:
-    names = fields[::2]
-    assert all(isinstance(name, str) for name in names)
-    result = {str(name): value for name, value in zip(names, fields[1::2], strict=True)}
+def as_dict(fields: normalize.Fields) -> dict[str, str]:
+    flat = decode_fields(fields)
+    names = flat[::2]
+    result = dict(zip(names, flat[1::2], strict=True))
     assert len(result) == len(names), "a field name appears twice"
     return result
 
 
-def emit(normalizer: Normalizer, packet: p.Packet, recv_us: int = RECV_US) -> tuple[str, dict[str, str | int | float]]:
+def emit(normalizer: Normalizer, packet: p.Packet, recv_us: int = RECV_US) -> tuple[str, dict[str, str]]:
     out = normalizer.entry(packet, recv_us)
     assert out is not None
     return out[0], as_dict(out[1])
@@ -123,9 +125,9 @@ def test_remembered_prices_are_the_formatted_ones_and_the_memory_is_bounded(monk
         return rupees_paise(units)
 
     price = normalize.remembered(fmt)
-    assert [price(u) for u in (80_050, 5, 80_050, 5)] == ["800.50", "0.05", "800.50", "0.05"]
+    assert [price(u) for u in (80_050, 5, 80_050, 5)] == [b"800.50", b"0.05", b"800.50", b"0.05"]
     assert calls == [80_050, 5]  # the repeats were remembered
-    assert [price(u) for u in (7, 9, 80_050)] == ["0.07", "0.09", "800.50"]
+    assert [price(u) for u in (7, 9, 80_050)] == [b"0.07", b"0.09", b"800.50"]
     assert calls == [80_050, 5, 7, 9, 80_050]  # full at 3: it started over before 9
 
 
@@ -185,6 +187,45 @@ def test_rupees_cds_is_exact(units: int) -> None:
     check_cds(units)
 
 
+# ----------------------------------------------------------------- the wire format of fields
+
+
+def test_encode_and_decode_fields() -> None:
+    fields = encode_fields(("name", "SBIN-EQ", "seq", 42, "pct", -3.25, "empty", ""))
+    assert fields == (8, b"$4\r\nname\r\n$7\r\nSBIN-EQ\r\n$3\r\nseq\r\n$2\r\n42\r\n"
+                         b"$3\r\npct\r\n$5\r\n-3.25\r\n$5\r\nempty\r\n$0\r\n\r\n")  # fmt: skip
+    assert decode_fields(fields) == ("name", "SBIN-EQ", "seq", "42", "pct", "-3.25", "empty", "")
+    assert decode_fields(encode_fields(("sym", "M&M 100% ₹"))) == ("sym", "M&M 100% ₹")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (2, b"$1\r\na\r\n"),  # fewer arguments than counted
+        (1, b"$1\r\na\r\n$1\r\nb\r\n"),  # more
+        (1, b"$5\r\nab\r\n"),  # a length that is wrong
+        (1, b":5\r\n"),  # not a bulk string
+    ],
+)
+def test_decode_fields_refuses_what_is_not_that_many_bulk_strings(fields: normalize.Fields) -> None:
+    with pytest.raises(ValueError, match="RESP bulk strings"):
+        decode_fields(fields)
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(INSTRUMENTS), st.one_of(gen.ltp(), gen.quote(), gen.snap_quote()), st.integers(0, 2**62))
+def test_every_entry_is_exactly_what_pack_command_makes_of_its_values(
+    inst: Instrument, packet: p.LtpPacket | p.QuotePacket | p.SnapQuotePacket, recv_us: int
+) -> None:
+    """The hand-made RESP (format strings, lengths computed per value) is byte for byte hiredis's own."""
+    out = normalizer(inst).entry(packet._replace(exchange_type=inst.exchange_type, token=inst.token), recv_us)
+    assert out is not None
+    count, body = out[1]
+    flat = decode_fields((count, body))
+    assert pack_command(flat) == b"*%d\r\n" % count + body  # type: ignore[arg-type]
+    assert count == {p.LtpPacket: 18, p.QuotePacket: 36, p.SnapQuotePacket: 54}[type(packet)]
+
+
 # ----------------------------------------------------------------- entries, mode by mode
 
 
@@ -193,7 +234,7 @@ def test_ltp_entry() -> None:
     assert stream == "ticks:NSE:SBIN-EQ"
     assert fields == {
         "v": "1", "token": "3045", "exchange": "NSE", "symbol": "SBIN-EQ", "mode": "ltp",
-        "seq": 42, "exch_ts": TS_MS, "ltp": "800.50", "recv_ts": RECV_US,
+        "seq": "42", "exch_ts": str(TS_MS), "ltp": "800.50", "recv_ts": str(RECV_US),
     }  # fmt: skip
 
 
@@ -203,8 +244,8 @@ def test_quote_entry() -> None:
     assert stream == "ticks:NSE:SBIN-EQ"
     assert set(fields) == QUOTE_FIELDS
     assert fields["mode"] == "quote"
-    assert fields["ltq"] == 75
-    assert fields["volume"] == 1_234_567
+    assert fields["ltq"] == "75"
+    assert fields["volume"] == "1234567"
     for name, units in (("atp", 79_999), ("open", 79_000), ("high", 81_005), ("low", 78_900), ("close", 79_500)):
         assert fields[name] == f"{rupees(units, SBIN):.2f}"
     assert fields["atp"] == "799.99"
@@ -217,16 +258,14 @@ def test_snap_quote_entry() -> None:
     _, fields = emit(normalizer(SBIN), packet)
     assert set(fields) == SNAP_FIELDS
     assert fields["mode"] == "snap_quote"
-    assert fields["ltt"] == 1_735_201_463_000  # Angel sends seconds; the entry has milliseconds
-    assert fields["oi"] == 5000
+    assert fields["ltt"] == "1735201463000"  # Angel sends seconds; the entry has milliseconds
+    assert fields["oi"] == "5000"
     assert fields["oi_change_pct"] == "-3.25"
     assert fields["upper_circuit"] == "874.50"
     assert fields["lower_circuit"] == "715.50"
     assert fields["high_52w"] == "912.00"
     assert fields["low_52w"] == "600.05"
     bids, asks = fields["bids"], fields["asks"]
-    assert isinstance(bids, str)
-    assert isinstance(asks, str)
     assert " " not in bids + asks  # compact
     assert bids.startswith("[[800.45,100,1],")
     assert json.loads(bids, parse_float=Decimal) == [[rupees(pr, SBIN), q, o] for q, pr, o in packet.bids]
@@ -237,7 +276,7 @@ def test_snap_quote_with_uneven_or_empty_sides() -> None:
     packet = snap(SBIN, bids=levels(10, 80_000, -5), asks=())
     _, fields = emit(normalizer(SBIN), packet)
     assert fields["asks"] == "[]"
-    assert len(json.loads(str(fields["bids"]))) == 10
+    assert len(json.loads(fields["bids"])) == 10
 
 
 def test_currency_segment_prices_have_seven_decimals() -> None:
@@ -247,9 +286,9 @@ def test_currency_segment_prices_have_seven_decimals() -> None:
     assert fields["token"] == "1151"
     assert fields["ltp"] == "83.5012500"
     assert fields["atp"] == "0.0079999"
-    assert str(fields["bids"]).startswith("[[83.5000000,100,1],[83.2500000,101,2],")
+    assert fields["bids"].startswith("[[83.5000000,100,1],[83.2500000,101,2],")
     for name in ("ltp", "atp", "open", "high", "low", "close", "upper_circuit", "lower_circuit", "high_52w", "low_52w"):
-        assert re.fullmatch(r"-?\d+\.\d{7}", str(fields[name])), name
+        assert re.fullmatch(r"-?\d+\.\d{7}", fields[name]), name
 
 
 def test_same_token_on_two_exchanges_goes_to_two_streams() -> None:
@@ -327,14 +366,14 @@ def test_remove_forgets_the_instrument_and_its_last_packets() -> None:
 # ----------------------------------------------------------------- parse_entry
 
 
-def _wire(fields: dict[str, str | int | float]) -> dict[bytes, bytes]:
-    return {k.encode(): str(v).encode() for k, v in fields.items()}
+def _wire(fields: dict[str, str]) -> dict[bytes, bytes]:
+    return {k.encode(): v.encode() for k, v in fields.items()}
 
 
 def test_parse_entry_accepts_bytes_and_str() -> None:
     _, fields = emit(normalizer(SBIN), snap(SBIN))
     from_bytes = parse_entry(b"1-0", _wire(fields))
-    from_str = parse_entry("1-0", {k: str(v) for k, v in fields.items()})
+    from_str = parse_entry("1-0", fields)
     assert from_bytes == from_str
     assert from_bytes.id == "1-0"
     assert from_bytes.key == "NSE:SBIN-EQ"
@@ -362,6 +401,21 @@ def conn(redis_server: LocalRedis) -> Iterator[redis.Redis]:
     client.delete(*[keys.ticks_for(inst.key) for inst in INSTRUMENTS])
     yield client
     client.close()
+
+
+def xadd_as_is(conn: redis.Redis, stream: str, fields: normalize.Fields) -> bytes:
+    """XADD with the normalizer's bytes exactly as the sink sends them (not re-packed by redis-py)."""
+    count, body = fields
+    command = pack_command(("XADD", stream, "*"))  # type: ignore[arg-type]
+    command = b"*%d\r\n" % (count + 3) + command[command.index(b"\n") + 1 :] + body
+    kwargs = conn.connection_pool.connection_kwargs
+    reader = hiredis.Reader()
+    with socket.create_connection((kwargs["host"], kwargs["port"]), timeout=5) as sock:
+        sock.sendall(command)
+        while (reply := reader.gets()) is False:
+            reader.feed(sock.recv(65536))
+    assert isinstance(reply, bytes), reply
+    return reply
 
 
 def expected_tick(entry_id: str, inst: Instrument, packet: p.Packet, recv_us: int) -> Tick:
@@ -407,9 +461,7 @@ def test_round_trip_through_redis(
     assert stream == f"ticks:{inst.exchange}:{inst.symbol}"
     names = {p.LtpPacket: LTP_FIELDS, p.QuotePacket: QUOTE_FIELDS, p.SnapQuotePacket: SNAP_FIELDS}[type(packet)]
     assert set(as_dict(fields)) == names
-    mapping: dict[FieldT, EncodableT] = dict(zip(fields[::2], fields[1::2], strict=True))
-    entry_id = conn.xadd(stream, mapping)
-    assert isinstance(entry_id, bytes)
+    entry_id = xadd_as_is(conn, stream, fields)
     entries: list[tuple[bytes, dict[bytes, bytes]]] = conn.xrange(stream, min=entry_id, max=entry_id)  # type: ignore[assignment]
     [(read_id, read_fields)] = entries
     tick = parse_entry(read_id, read_fields)

@@ -16,7 +16,7 @@ import redis
 
 from worker import keys, sink
 from worker.localredis import LocalRedis, free_port
-from worker.normalize import Fields
+from worker.normalize import Fields, encode_fields
 from worker.sink import Link, Opener, Sink, WriteError, redis_opener
 
 BASE_MS = 1_700_000_000_000  # a fixed receive time (2023), so entry IDs are predictable
@@ -31,10 +31,10 @@ def us(ms: int) -> int:
 
 
 def tick(seq: int, **extra: str | int) -> Fields:
-    fields: Fields = ("seq", seq, "ltp", f"{800 + seq}.05")
+    flat: tuple[str | int, ...] = ("seq", seq, "ltp", f"{800 + seq}.05")
     for name, value in extra.items():
-        fields += (name, value)
-    return fields
+        flat += (name, value)
+    return encode_fields(flat)
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -179,6 +179,26 @@ def test_ids_are_explicit_and_increase_per_stream(redis_server: LocalRedis, redi
     assert [f["seq"] for _, f in got] == ["0", "1", "3", "4"]
     assert got[0][1] == {"seq": "0", "ltp": "800.05"}
     assert entries(redis_client, OTHER) == [(f"{BASE_MS}-0", {"seq": "2", "ltp": "802.05"})]
+
+
+def test_stream_heads_are_packed_once_and_their_memory_is_bounded(
+    redis_server: LocalRedis, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sink, "HEADS_MAX", 2)
+    streams = [keys.ticks("NSE", f"S{i}-EQ") for i in range(5)]
+
+    async def scenario() -> None:
+        s = Sink(opener(redis_server.url), stream_maxlen=1000, events_maxlen=100, buffer_max=100)
+        for seq in range(20):  # five streams, a head memory of two: it starts over, and over
+            s.put(streams[seq % 5], tick(seq), us(BASE_MS + seq))
+        s.start()
+        await until(lambda: s.stats.written == 20, "20 ticks written")
+        assert await s.stop(5.0) is True
+        assert len(s._heads) <= 2
+
+    run(scenario)
+    for i, stream in enumerate(streams):
+        assert seqs(redis_client, stream) == [i, i + 5, i + 10, i + 15]
 
 
 def test_batches_are_bounded_by_batch_max_and_events_go_first(

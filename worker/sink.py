@@ -5,8 +5,9 @@ for every decoded frame) and the writer task sends what is queued on a connectio
 is no thread and no lock: an earlier writer thread spent its time waiting for the GIL held by the
 loop (bench/README.md has the figures).
 
-* **Pipelined.** Batches of at most ``batch_max`` XADDs are packed in C (``hiredis.pack_command``)
-  and written at once; their replies are parsed in bulk by a ``hiredis.Reader`` as they arrive
+* **Pipelined.** Batches of at most ``batch_max`` XADDs are written at once (each command is the
+  stream's head, packed once, the entry's ID and its fields as the normalizer encoded them); their
+  replies are parsed in bulk by a ``hiredis.Reader`` as they arrive
   (:class:`Link`). With nothing in flight, what is queued goes at once (a lone tick is written at
   once, or after ``linger`` if set); while a batch is in flight, only full batches follow it (at
   most ``PIPELINE_DEPTH`` in flight), so under load a batch holds what arrived during a round trip.
@@ -40,7 +41,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker import keys
-from worker.normalize import Fields
+from worker.normalize import Fields, encode_fields
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ EVENTS_QUEUE_MAX = 10_000
 PIPELINE_DEPTH = 8  # batches in flight at most
 WRITE_BUFFER_HIGH = 1 << 22  # bytes the transport may hold before the writer stops sending
 _ALREADY_WRITTEN = "equal or smaller than the target stream top item"
+HEADS_MAX = 1 << 16  # streams whose XADD head is remembered; full, the memory starts over
 
 #: Opens the writer's connection, authenticated and on the right database; the sink then drives its
 #: transport itself (:class:`Link`).
@@ -160,8 +162,8 @@ class Entry:
     stream: str
     fields: Fields
     maxlen: int
-    ms: int  # receive (or event) time, ms: the basis of the entry ID
-    id: str = "*"
+    us: int  # receive (or event) time, epoch µs: its milliseconds are the basis of the entry ID
+    id: bytes = b"*"
 
 
 @dataclass(slots=True)
@@ -219,6 +221,7 @@ class Sink:
         self._deadline = float("inf")
         self._failures = 0
         self._last_ids: dict[str, tuple[int, int]] = {}
+        self._heads: dict[str, bytes] = {}  # stream → "$4\r\nXADD\r\n<stream>MAXLEN ~ <maxlen>" in RESP
         self._dropped_unreported = 0
         self.written_by_stream: dict[str, int] = {}  # ticks written per stream (metrics)
         #: on_batch(size, XADD round trip in s, receive ms of the batch's oldest tick or None): the metrics' hook
@@ -235,19 +238,20 @@ class Sink:
             ticks.popleft()
             self.stats.dropped += 1
             self._dropped_unreported += 1
-        ticks.append(Entry(stream, fields, self.stream_maxlen, recv_us // 1000))
+        ticks.append(Entry(stream, fields, self.stream_maxlen, recv_us))
         self._wake.set()
 
     def event(self, kind: str, **fields: str | int | float) -> None:
         """Queue an event for ``angelstream:events`` (``type``, ``ts`` in epoch ms, then ``fields``)."""
         now_ms = int(time.time() * 1000)
-        flat: Fields = ("type", kind, "ts", now_ms)
+        flat: tuple[str | int | float, ...] = ("type", kind, "ts", now_ms)
         for name, value in fields.items():
             flat += (name, value)
         if len(self._events) >= EVENTS_QUEUE_MAX:
             self._events.popleft()
             self.stats.events_dropped += 1
-        self._events.append(Entry(keys.EVENTS, flat, self.events_maxlen, now_ms))  # explicit IDs: never twice
+        entry = Entry(keys.EVENTS, encode_fields(flat), self.events_maxlen, now_ms * 1000)
+        self._events.append(entry)  # explicit IDs: never twice
         self._wake.set()
 
     @property
@@ -313,20 +317,20 @@ class Sink:
         batch = [events.popleft() for _ in range(min(len(events), self.batch_max))]
         batch += [ticks.popleft() for _ in range(min(len(ticks), self.batch_max - len(batch)))]
         for entry in batch:
-            entry.id = self._next_id(entry.stream, entry.ms)
+            entry.id = self._next_id(entry.stream, entry.us // 1000)
         if self._dropped_unreported:
             dropped, self._dropped_unreported = self._dropped_unreported, 0
             self.event("ticks_dropped", count=dropped, total=self.stats.dropped, buffer_max=self.buffer_max)
         return batch
 
-    def _next_id(self, stream: str, ms: int) -> str:
+    def _next_id(self, stream: str, ms: int) -> bytes:
         last_ms, last_n = self._last_ids.get(stream, (0, -1))
         if ms > last_ms:
             n = 0
         else:
             ms, n = last_ms, last_n + 1
         self._last_ids[stream] = (ms, n)
-        return f"{ms}-{n}"
+        return b"%d-%d" % (ms, n)
 
     async def _connected(self) -> Link:
         if self._link is None or self._link.lost is not None:
@@ -344,7 +348,7 @@ class Sink:
         except asyncio.CancelledError:  # stop() gave up on the connection: the batch counts as unwritten
             self._again.extend(batch)
             raise
-        self._inflight.append(Sent(batch, link.request(_xadds(batch)), time.perf_counter()))
+        self._inflight.append(Sent(batch, link.request(self._xadds(batch)), time.perf_counter()))
 
     async def _pipeline(self) -> bool:
         """Send the full batches queued while the link takes them, then wait for replies; False: gave up
@@ -360,7 +364,7 @@ class Sink:
             and not self._again
         ):
             batch = self._take()
-            inflight.append(Sent(batch, link.request(_xadds(batch)), time.perf_counter()))
+            inflight.append(Sent(batch, link.request(self._xadds(batch)), time.perf_counter()))
         oldest = inflight[0]  # not answered yet (_settle ran just before)
         now = time.monotonic()
         if now >= self._deadline:
@@ -386,7 +390,7 @@ class Sink:
             self._observe(sent)
             again = self._apply(sent.entries, sent.replies.result(), held=())
             if again:
-                if any(entry.id != "*" for entry in again):  # refused for now, not just a stream ahead of us
+                if any(entry.id != b"*" for entry in again):  # refused for now, not just a stream ahead of us
                     self._failed(None)
                 self._again.extend(again)
 
@@ -395,7 +399,7 @@ class Sink:
         batch = [self._again.popleft() for _ in range(min(len(self._again), self.batch_max))]
         try:
             link = await self._connected()
-            sent = Sent(batch, link.request(_xadds(batch)), time.perf_counter())
+            sent = Sent(batch, link.request(self._xadds(batch)), time.perf_counter())
             results = await self._answer(link, sent.replies)
             self._observe(sent)
             # A refused ID was written by the failed attempt if the stream holds it; else the stream is ahead.
@@ -440,14 +444,14 @@ class Sink:
         for i, (entry, result) in enumerate(zip(batch, results, strict=True)):
             if not isinstance(result, ReplyError):
                 self._count(entry)
-                if entry.id == "*":  # adopt the ID Redis chose
-                    ms, _, n = result.decode().partition("-")
+                if entry.id == b"*":  # adopt the ID Redis chose
+                    ms, _, n = result.partition(b"-")
                     self._last_ids[entry.stream] = (int(ms), int(n))
             elif _ALREADY_WRITTEN in str(result):
                 if i in held:
                     self._count(entry)  # the failed attempt had written it
                 else:  # the stream is ahead of our clock (a restart, or the clock stepped back)
-                    entry.id = "*"
+                    entry.id = b"*"
                     again.append(entry)
             elif str(result).startswith("WRONGTYPE"):
                 self.stats.rejected += 1
@@ -461,8 +465,8 @@ class Sink:
 
     def _observe(self, sent: Sent) -> None:
         if self.on_batch is not None:
-            oldest = min((e.ms for e in sent.entries if e.stream != keys.EVENTS), default=None)
-            self.on_batch(len(sent.entries), time.perf_counter() - sent.at, oldest)
+            oldest = min((e.us for e in sent.entries if e.stream != keys.EVENTS), default=None)
+            self.on_batch(len(sent.entries), time.perf_counter() - sent.at, None if oldest is None else oldest // 1000)
 
     def _failed(self, error: BaseException | None) -> None:
         self.stats.write_errors += 1
@@ -490,16 +494,27 @@ class Sink:
         if timer is not None:
             timer.cancel()
 
+    def _xadds(self, batch: list[Entry]) -> list[bytes]:
+        """The batch's XADD commands: ``*<n>``, the stream's head (packed once), the ID, the fields."""
+        heads = self._heads
+        commands = []
+        for entry in batch:
+            head = heads.get(entry.stream)
+            if head is None:
+                if len(heads) >= HEADS_MAX:
+                    heads.clear()
+                packed: bytes = pack_command(("XADD", entry.stream, "MAXLEN", "~", entry.maxlen))  # type: ignore[arg-type]
+                head = heads[entry.stream] = packed[packed.index(b"\n") + 1 :]
+            count, body = entry.fields
+            commands.append(b"*%d\r\n%b$%d\r\n%b\r\n%b" % (count + 6, head, len(entry.id), entry.id, body))
+        return commands
+
     def _count(self, entry: Entry) -> None:
         if entry.stream == keys.EVENTS:
             self.stats.events_written += 1
         else:
             self.stats.written += 1
             self.written_by_stream[entry.stream] = self.written_by_stream.get(entry.stream, 0) + 1
-
-
-def _xadds(batch: list[Entry]) -> list[bytes]:
-    return [pack_command(("XADD", e.stream, "MAXLEN", "~", e.maxlen, e.id, *e.fields)) for e in batch]  # type: ignore[arg-type]
 
 
 def _xrange(entry: Entry) -> bytes:
