@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from datetime import time as wall_time
 from pathlib import Path
@@ -17,11 +18,12 @@ from tests import strategies as gen
 from tests.workerkit import worker_settings
 from worker import app, keys
 from worker import protocol as p
-from worker.app import Worker, WorkerThread, next_relogin
+from worker.app import Worker, WorkerFailed, WorkerThread, next_relogin
 from worker.instruments import InstrumentError, InstrumentIndex, bundled_master_path, load_instruments, load_master_file
 from worker.localredis import LocalRedis
 from worker.settings import IST, load, redact_url
 from worker.simulator import MASTER_PATH, SimulatorThread
+from worker.sink import Sink
 
 
 def test_next_relogin_is_the_next_occurrence_of_the_wall_time_in_india() -> None:
@@ -145,6 +147,53 @@ def test_a_worker_that_outlives_its_stop_timeout_is_reported(
     assert "the worker thread did not stop within 0 s" in caplog.text
     thread.stop()
     assert not thread._thread.is_alive()
+
+
+def test_a_failing_writer_stops_the_worker_loudly_instead_of_leaving_it_mute(
+    sim: SimulatorThread, redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the writer task would leave the worker reading and never writing (ready, but mute): it stops."""
+
+    def broken(self: Sink, batch: list[Any]) -> list[bytes]:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(Sink, "_xadds", broken)
+    worker = Worker(worker_settings(sim, redis_server.url, health_port=0))
+
+    async def main() -> None:
+        async with asyncio.timeout(30):
+            await worker.run(asyncio.Event())  # nobody stops it: only the failure can
+
+    with pytest.raises(
+        WorkerFailed, match=r"^the writer task failed \(RuntimeError: a bug in the writer\); restart it$"
+    ):
+        asyncio.run(main())
+    [record] = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert record.getMessage() == "the writer task failed, the worker stops: RuntimeError('a bug in the writer')"
+    assert record.exc_info is not None  # the traceback is in the log
+
+
+def test_until_stopped_or_failed_ignores_tasks_that_end_without_an_error() -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        finishes = asyncio.create_task(asyncio.sleep(0), name="finishes")
+        cancelled = asyncio.create_task(asyncio.sleep(60), name="cancelled")
+        waiting = asyncio.create_task(asyncio.sleep(60), name="waiting")
+        asyncio.get_running_loop().call_later(0.05, cancelled.cancel)
+        asyncio.get_running_loop().call_later(0.1, stop.set)
+        assert await app.until_stopped_or_failed(stop, [finishes, cancelled, waiting]) is None
+        assert stop.is_set()
+        assert not waiting.done()
+        waiting.cancel()
+
+        async def fails() -> None:
+            await asyncio.sleep(0.01)
+            raise ValueError("x")
+
+        failing = asyncio.create_task(fails(), name="failing")
+        assert await app.until_stopped_or_failed(asyncio.Event(), [failing]) is failing
+
+    asyncio.run(main())
 
 
 FUZZ_INDEX = InstrumentIndex(load_master_file(bundled_master_path()))

@@ -82,6 +82,35 @@ def test_an_unreadable_instrument_master_exits_1_with_one_line(tmp_path: Path, r
     assert done.stderr.strip().splitlines()[-1].startswith("angelstream run: cannot read the instrument master")
 
 
+BROKEN_WRITER = """
+import sys
+from worker import cli, sink
+
+def broken(self, batch):
+    raise RuntimeError("a bug in the writer")
+
+sink.Sink._xadds = broken
+sys.exit(cli.main(["run"]))
+"""
+
+
+def test_a_failing_writer_exits_1_with_one_line(tmp_path: Path, sim: SimulatorThread, redis_server: LocalRedis) -> None:
+    """A bug that kills the writer task ends the process (a supervisor restarts it), never a mute worker."""
+    done = subprocess.run(
+        [sys.executable, "-c", BROKEN_WRITER],
+        cwd=tmp_path,
+        env=sim_env(sim, redis_server.url) | {"PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "angelstream run: the writer task failed (RuntimeError: a bug in the writer); restart it"
+    assert 'level=critical logger=worker.app msg="the writer task failed, the worker stops' in done.stderr
+
+
 @pytest.mark.faults
 def test_sigterm_flushes_the_buffer_and_exits_0(tmp_path: Path, sim: SimulatorThread, redis_server: LocalRedis) -> None:
     """Redis is paused, so ticks pile up in the worker; SIGTERM must still write every one, then exit 0."""

@@ -15,6 +15,7 @@ import threading
 import time
 from datetime import datetime, timedelta
 from datetime import time as wall_time
+from typing import Any
 
 import aiohttp
 import redis
@@ -32,6 +33,11 @@ from worker.sink import Sink, redis_opener
 from worker.status import Status
 
 log = logging.getLogger(__name__)
+
+
+class WorkerFailed(Exception):
+    """A task the worker cannot run without (the writer, the control plane, …) failed: it stopped."""
+
 
 DECODE_ERROR_EVENT_EVERY = 5.0  # seconds between decode-error events (each error is counted)
 
@@ -202,7 +208,7 @@ class Worker:
             log.warning("%s", warning)
         index = self.index or await load_instruments(s.angel_instruments_url, s.connect_timeout, s.instruments_cache)
         self.use_index(index)
-        self.sink.start()
+        writer = self.sink.start()
         self.sink.event("worker_started", instruments=len(index))
         log.info("worker started: %d instruments, redis %s", len(index), redact_url(s.redis_url))
         control_client = aioredis.Redis.from_url(
@@ -233,7 +239,10 @@ class Worker:
                 asyncio.create_task(self.publish_instruments(control_client), name="instruments"),
             ]
             self.started.set()
-            await stop.wait()
+            failed = await until_stopped_or_failed(stop, [writer, *tasks])
+            if failed is not None:  # a bug: stop loudly (a restart brings it back) rather than run on mute
+                log.critical("the %s task failed, the worker stops: %r", failed.get_name(), failed.exception(),
+                             exc_info=failed.exception())  # fmt: skip
             # One budget for the whole shutdown: close frames first (a quarter, at most 1 s), then the flush.
             deadline = asyncio.get_running_loop().time() + s.shutdown_timeout
             log.info("stopping: closing the feed, flushing %d buffered ticks", self.sink.buffered)
@@ -248,6 +257,25 @@ class Worker:
         budget = max(0.1, deadline - asyncio.get_running_loop().time())
         flushed = await self.sink.stop(budget)
         log.info("stopped: %d ticks written, %s", self.sink.stats.written, "all flushed" if flushed else "NOT flushed")
+        if failed is not None:
+            error = failed.exception()
+            raise WorkerFailed(f"the {failed.get_name()} task failed ({type(error).__name__}: {error}); restart it")
+
+
+async def until_stopped_or_failed(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> asyncio.Task[None] | None:
+    """Wait for ``stop``; returns the first of ``tasks`` to raise before that (one that returns is fine)."""
+    stopped = asyncio.create_task(stop.wait(), name="stop")
+    pending: set[asyncio.Future[Any]] = {stopped, *tasks}
+    try:
+        while True:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task in done and not task.cancelled() and task.exception() is not None:
+                    return task
+            if stopped in done:
+                return None
+    finally:
+        stopped.cancel()
 
 
 class WorkerThread:

@@ -192,7 +192,7 @@ async def _until_signalled(coro_factory: Callable[[asyncio.Event], Awaitable[Non
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from worker.app import Worker  # noqa: PLC0415 - keeps `angelstream sim` light
+    from worker.app import Worker, WorkerFailed  # noqa: PLC0415 - keeps `angelstream sim` light
 
     try:
         config = settings_module.load()
@@ -202,7 +202,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     logs.configure(config.log_level, config.log_format)
     try:
         asyncio.run(_until_signalled(Worker(config).run))
-    except InstrumentError as exc:
+    except (InstrumentError, WorkerFailed) as exc:
         print(f"angelstream run: {exc}", file=sys.stderr)
         return 1
     return 0

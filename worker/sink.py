@@ -261,9 +261,10 @@ class Sink:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        """Start the writer task on the running event loop."""
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="angelstream-writer")
+    def start(self) -> asyncio.Task[None]:
+        """Start the writer task on the running event loop. It ends only after stop(), or on a bug."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="writer")
+        return self._task
 
     async def stop(self, timeout: float) -> bool:
         """Flush what is queued (for at most ``timeout`` seconds) and stop. True if all was written."""
