@@ -173,37 +173,66 @@ def test_a_failing_writer_stops_the_worker_loudly_instead_of_leaving_it_mute(
     assert record.exc_info is not None  # the traceback is in the log
 
 
-def test_until_stopped_or_failed_ignores_tasks_that_end_without_an_error() -> None:
+def test_a_feed_connection_that_fails_stops_the_worker_too(
+    sim: SimulatorThread, redis_server: LocalRedis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug on the read path kills that connection's task (its other errors are retried): the worker stops."""
+
+    def broken(self: Worker, frame: bytes, recv_us: int) -> None:
+        raise RuntimeError("a bug on the read path")
+
+    monkeypatch.setattr(Worker, "on_frame", broken)
+    worker = Worker(worker_settings(sim, redis_server.url, health_port=0))
+
     async def main() -> None:
-        stop = asyncio.Event()
-        finishes = asyncio.create_task(asyncio.sleep(0), name="finishes")
-        cancelled = asyncio.create_task(asyncio.sleep(60), name="cancelled")
-        waiting = asyncio.create_task(asyncio.sleep(60), name="waiting")
-        asyncio.get_running_loop().call_later(0.05, cancelled.cancel)
-        asyncio.get_running_loop().call_later(0.1, stop.set)
-        assert await app.until_stopped_or_failed(stop, [finishes, cancelled, waiting]) is None
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.hset(keys.SUBSCRIPTIONS, "NSE:SBIN-EQ", "ltp")
+        await client.aclose()
+        async with asyncio.timeout(30):
+            await worker.run(asyncio.Event())
+
+    with pytest.raises(WorkerFailed, match=r"^the feed-1 task failed \(RuntimeError: a bug on the read path\)"):
+        asyncio.run(main())
+    assert worker.failed is not None
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL] == [
+        "the feed-1 task failed, the worker stops: RuntimeError('a bug on the read path')"
+    ]
+
+
+def test_only_the_first_failure_is_reported_and_tasks_that_end_well_are_fine(caplog: pytest.LogCaptureFixture) -> None:
+    worker = Worker(FUZZ_SETTINGS)
+
+    async def fails(message: str, after: float) -> None:
+        await asyncio.sleep(after)
+        raise ValueError(message)
+
+    async def main() -> None:
+        worker._stop = stop = asyncio.Event()
+        fine = worker.watch(asyncio.create_task(asyncio.sleep(0), name="fine"))
+        cancelled = worker.watch(asyncio.create_task(asyncio.sleep(60), name="cancelled"))
+        cancelled.cancel()
+        await asyncio.wait([fine, cancelled])
+        await asyncio.sleep(0)  # the done callbacks run
+        assert not stop.is_set()
+        first = worker.watch(asyncio.create_task(fails("first", 0.01), name="first"))
+        second = worker.watch(asyncio.create_task(fails("second", 0.02), name="second"))
+        await asyncio.wait([first, second])
+        await asyncio.sleep(0)
         assert stop.is_set()
-        assert not waiting.done()
-        waiting.cancel()
-
-        async def fails() -> None:
-            await asyncio.sleep(0.01)
-            raise ValueError("x")
-
-        failing = asyncio.create_task(fails(), name="failing")
-        assert await app.until_stopped_or_failed(asyncio.Event(), [failing]) is failing
+        assert worker.failed is first
 
     asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL] == [
+        "the first task failed, the worker stops: ValueError('first')"
+    ]
 
 
 FUZZ_INDEX = InstrumentIndex(load_master_file(bundled_master_path()))
-FUZZ_WORKER = Worker(
-    load(
-        angel_api_key="k", angel_client_code="C1", angel_pin="1", angel_totp_secret="S", angel_api_url="http://127.0.0.1:1",
-        angel_ws_url="ws://127.0.0.1:1/s", angel_instruments_url="master.json", buffer_max=50,
-    ),
-    FUZZ_INDEX,
+FUZZ_SETTINGS = load(
+    angel_api_key="k", angel_client_code="C1", angel_pin="1", angel_totp_secret="S", angel_api_url="http://127.0.0.1:1",
+    angel_ws_url="ws://127.0.0.1:1/s", angel_instruments_url="master.json", buffer_max=50,
 )  # fmt: skip
+FUZZ_WORKER = Worker(FUZZ_SETTINGS, FUZZ_INDEX)
 FUZZ_WORKER.use_index(FUZZ_INDEX)
 #: Packets of instruments in the master (so the normalizer, not only the decoder, sees them), any field values.
 KNOWN_PACKETS = st.tuples(gen.packets(), st.sampled_from(list(FUZZ_INDEX))).map(

@@ -83,6 +83,7 @@ class Worker:
             self.sink.event,
             max_connections=settings.angel_max_connections,
             on_backoff=self.metrics.on_backoff,
+            watch=self.watch,
         )
         self.session: angel.Session | None = None
         self.logins = 0
@@ -95,6 +96,8 @@ class Worker:
         self.redis: aioredis.Redis | None = None  # the control plane's client (also the readiness probe's)
         self.health: HealthServer | None = None
         self.started = asyncio.Event()
+        self.failed: asyncio.Task[Any] | None = None  # the first essential task that raised
+        self._stop = asyncio.Event()  # run()'s, once it runs
 
     # ------------------------------------------------------------------ the data path
 
@@ -202,13 +205,29 @@ class Worker:
 
     # ------------------------------------------------------------------ life
 
+    def watch(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """If ``task`` raises (a bug: the tasks handle what they expect), the worker stops, loudly,
+        rather than run on reading ticks it no longer writes (or steering a feed it no longer reads)."""
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        if self.failed is None:
+            self.failed = task
+            log.critical("the %s task failed, the worker stops: %r", task.get_name(), task.exception(),
+                         exc_info=task.exception())  # fmt: skip
+        self._stop.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
+        self._stop = stop
         for warning in plaintext_warnings(s):
             log.warning("%s", warning)
         index = self.index or await load_instruments(s.angel_instruments_url, s.connect_timeout, s.instruments_cache)
         self.use_index(index)
-        writer = self.sink.start()
+        self.watch(self.sink.start())
         self.sink.event("worker_started", instruments=len(index))
         log.info("worker started: %d instruments, redis %s", len(index), redact_url(s.redis_url))
         control_client = aioredis.Redis.from_url(
@@ -233,16 +252,13 @@ class Worker:
             self.feed.start(http)
             status = self.status = Status(control_client, self, s.status_interval, s.stale_after)
             tasks = [
-                asyncio.create_task(control.run(s.redis_retry_max), name="control"),
-                asyncio.create_task(self.daily(control_client), name="daily"),
-                asyncio.create_task(status.run(), name="status"),
-                asyncio.create_task(self.publish_instruments(control_client), name="instruments"),
+                self.watch(asyncio.create_task(control.run(s.redis_retry_max), name="control")),
+                self.watch(asyncio.create_task(self.daily(control_client), name="daily")),
+                self.watch(asyncio.create_task(status.run(), name="status")),
+                self.watch(asyncio.create_task(self.publish_instruments(control_client), name="instruments")),
             ]
             self.started.set()
-            failed = await until_stopped_or_failed(stop, [writer, *tasks])
-            if failed is not None:  # a bug: stop loudly (a restart brings it back) rather than run on mute
-                log.critical("the %s task failed, the worker stops: %r", failed.get_name(), failed.exception(),
-                             exc_info=failed.exception())  # fmt: skip
+            await stop.wait()
             # One budget for the whole shutdown: close frames first (a quarter, at most 1 s), then the flush.
             deadline = asyncio.get_running_loop().time() + s.shutdown_timeout
             log.info("stopping: closing the feed, flushing %d buffered ticks", self.sink.buffered)
@@ -257,25 +273,11 @@ class Worker:
         budget = max(0.1, deadline - asyncio.get_running_loop().time())
         flushed = await self.sink.stop(budget)
         log.info("stopped: %d ticks written, %s", self.sink.stats.written, "all flushed" if flushed else "NOT flushed")
-        if failed is not None:
-            error = failed.exception()
-            raise WorkerFailed(f"the {failed.get_name()} task failed ({type(error).__name__}: {error}); restart it")
-
-
-async def until_stopped_or_failed(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> asyncio.Task[None] | None:
-    """Wait for ``stop``; returns the first of ``tasks`` to raise before that (one that returns is fine)."""
-    stopped = asyncio.create_task(stop.wait(), name="stop")
-    pending: set[asyncio.Future[Any]] = {stopped, *tasks}
-    try:
-        while True:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
-                if task in done and not task.cancelled() and task.exception() is not None:
-                    return task
-            if stopped in done:
-                return None
-    finally:
-        stopped.cancel()
+        if self.failed is not None:
+            error = self.failed.exception()
+            raise WorkerFailed(
+                f"the {self.failed.get_name()} task failed ({type(error).__name__}: {error}); restart it"
+            )
 
 
 class WorkerThread:

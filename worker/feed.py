@@ -352,9 +352,11 @@ class Feed:
         max_connections: int = 3,
         max_tokens: int = p.MAX_TOKENS_PER_CONNECTION,
         on_backoff: BackoffHandler | None = None,
+        watch: Callable[[asyncio.Task[None]], object] | None = None,
     ) -> None:
         self.config = config
         self.max_connections = max_connections
+        self._watch = watch  # told of every connection task (the worker stops if one raises)
         self.max_tokens = max_tokens
         self._credentials = credentials
         self._on_frame = on_frame
@@ -376,7 +378,10 @@ class Feed:
 
     def _spawn(self, conn: FeedConnection) -> None:
         if self._session is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(conn.run(self._session)))
+            task = asyncio.get_running_loop().create_task(conn.run(self._session), name=conn.name)
+            self._tasks.append(task)
+            if self._watch is not None:
+                self._watch(task)
 
     async def apply(self, want: dict[tuple[int, str], int]) -> list[tuple[int, str]]:
         """Make the subscriptions equal ``want`` ((exch, token) → mode) by diffs; returns what did not fit."""
