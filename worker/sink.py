@@ -466,7 +466,8 @@ class Sink:
 
     def _observe(self, sent: Sent) -> None:
         if self.on_batch is not None:
-            oldest = min((e.us for e in sent.entries if e.stream != keys.EVENTS), default=None)
+            # Events go first in a batch, then ticks in the order received: the first tick is the oldest.
+            oldest = next((e.us for e in sent.entries if e.stream != keys.EVENTS), None)
             self.on_batch(len(sent.entries), time.perf_counter() - sent.at, None if oldest is None else oldest // 1000)
 
     def _failed(self, error: BaseException | None) -> None:
