@@ -199,7 +199,9 @@ def test_a_feed_connection_that_fails_stops_the_worker_too(
     ]
 
 
-def test_only_the_first_failure_is_reported_and_tasks_that_end_well_are_fine(caplog: pytest.LogCaptureFixture) -> None:
+def test_only_a_failure_before_the_stop_is_fatal_and_tasks_that_end_well_are_fine(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     worker = Worker(FUZZ_SETTINGS)
 
     async def fails(message: str, after: float) -> None:
@@ -222,8 +224,9 @@ def test_only_the_first_failure_is_reported_and_tasks_that_end_well_are_fine(cap
         assert worker.failed is first
 
     asyncio.run(main())
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL] == [
-        "the first task failed, the worker stops: ValueError('first')"
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR] == [
+        ("CRITICAL", "the first task failed, the worker stops: ValueError('first')"),
+        ("ERROR", "the second task failed while the worker stops: ValueError('second')"),
     ]
 
 

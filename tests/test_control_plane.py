@@ -200,8 +200,12 @@ def test_bad_commands_each_get_their_error_while_the_set_keeps_streaming(
         for (_, expected), error in zip(BAD_COMMANDS, errors, strict=True):
             assert expected in error, (expected, error)
         assert redis_client.hgetall(keys.SUBSCRIPTIONS) == {b"NSE:SBIN-EQ": b"quote"}
+        # Valid, with a request_id that is not valid Unicode: answered (escaped), never a crash.
+        send(redis_client, '{"action": "resync", "request_id": "odd\\ud800"}')
+        assert answer(redis_client, "odd\\ud800")["type"] == "command_accepted"
         settle(sim, redis_client, worker, ["NSE:SBIN-EQ"])
         assert_continuous(sim, redis_client, "NSE:SBIN-EQ")
+        assert worker.worker.failed is None
 
 
 def test_a_flood_of_commands_is_rate_limited_and_the_worker_streams_on(

@@ -196,6 +196,8 @@ def test_encode_and_decode_fields() -> None:
                          b"$3\r\npct\r\n$5\r\n-3.25\r\n$5\r\nempty\r\n$0\r\n\r\n")  # fmt: skip
     assert decode_fields(fields) == ("name", "SBIN-EQ", "seq", "42", "pct", "-3.25", "empty", "")
     assert decode_fields(encode_fields(("sym", "M&M 100% ₹"))) == ("sym", "M&M 100% ₹")
+    # not valid Unicode (json.loads('"\\ud800"') gives one): kept, escaped, never refused
+    assert decode_fields(encode_fields(("request_id", "a\ud800b"))) == ("request_id", "a\\ud800b")
 
 
 @pytest.mark.parametrize(

@@ -214,10 +214,13 @@ class Worker:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled() or task.exception() is None:
             return
-        if self.failed is None:
-            self.failed = task
-            log.critical("the %s task failed, the worker stops: %r", task.get_name(), task.exception(),
-                         exc_info=task.exception())  # fmt: skip
+        if self._stop.is_set():  # stopping already (asked to, or after a first failure): logged, not fatal
+            log.error("the %s task failed while the worker stops: %r", task.get_name(), task.exception(),
+                      exc_info=task.exception())  # fmt: skip
+            return
+        self.failed = task
+        log.critical("the %s task failed, the worker stops: %r", task.get_name(), task.exception(),
+                     exc_info=task.exception())  # fmt: skip
         self._stop.set()
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -28,8 +28,11 @@ Fields = tuple[int, bytes]
 
 
 def encode_fields(flat: tuple[str | int | float, ...]) -> Fields:
-    """``("name", value, …)`` → ``Fields`` (ints and floats as their decimal text)."""
-    packed: bytes = pack_command(flat)  # type: ignore[arg-type]
+    """``("name", value, …)`` → ``Fields`` (ints and floats as their decimal text). Text that is not
+    valid Unicode (a lone surrogate, from a JSON ``\\ud800`` or an undecodable header) is kept with
+    backslash escapes: an event or a name is never refused for it."""
+    safe = tuple(v.encode("utf-8", "backslashreplace") if isinstance(v, str) else v for v in flat)
+    packed: bytes = pack_command(safe)  # type: ignore[arg-type]
     return len(flat), packed[packed.index(b"\n") + 1 :]  # without the array header "*<n>\r\n"
 
 
