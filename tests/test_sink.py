@@ -16,7 +16,7 @@ import redis
 
 from worker import keys, sink
 from worker.localredis import LocalRedis, free_port
-from worker.normalize import Fields, encode_fields
+from worker.normalize import Fields, decode_fields, encode_fields
 from worker.sink import Link, Opener, Sink, WriteError, redis_opener
 
 BASE_MS = 1_700_000_000_000  # a fixed receive time (2023), so entry IDs are predictable
@@ -181,7 +181,34 @@ def test_ids_are_explicit_and_increase_per_stream(redis_server: LocalRedis, redi
     assert entries(redis_client, OTHER) == [(f"{BASE_MS}-0", {"seq": "2", "ltp": "802.05"})]
 
 
-def test_stream_heads_are_packed_once_and_their_memory_is_bounded(
+def test_each_xadd_is_what_pack_command_makes_with_the_stream_s_maxlen_and_heads_are_packed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    packed: list[tuple[Any, ...]] = []
+
+    def counting(args: tuple[Any, ...]) -> bytes:
+        packed.append(args)
+        return hiredis.pack_command(args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(sink, "pack_command", counting)
+    s = Sink(opener("redis://127.0.0.1:1"), stream_maxlen=1000, events_maxlen=50, buffer_max=100)
+    for round_ in range(2):
+        s.put(STREAM, tick(round_, note="M&M 100% ₹"), us(BASE_MS))
+        s.event("probe", round=round_)
+        batch = s._take()
+        event, entry = batch  # events first
+        assert entry.id == f"{BASE_MS}-{round_}".encode()
+        assert decode_fields(entry.fields) == ("seq", str(round_), "ltp", f"{800 + round_}.05", "note", "M&M 100% ₹")
+        expected = [
+            hiredis.pack_command(("XADD", keys.EVENTS, "MAXLEN", "~", 50, event.id, *decode_fields(event.fields))),  # type: ignore[arg-type]
+            hiredis.pack_command(("XADD", STREAM, "MAXLEN", "~", 1000, entry.id, *decode_fields(entry.fields))),  # type: ignore[arg-type]
+        ]
+        assert s._xadds(batch) == expected
+    heads = [args for args in packed if args[0] == "XADD"]
+    assert heads == [("XADD", keys.EVENTS, "MAXLEN", "~", 50), ("XADD", STREAM, "MAXLEN", "~", 1000)]  # once each
+
+
+def test_stream_heads_memory_is_bounded(
     redis_server: LocalRedis, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sink, "HEADS_MAX", 2)
