@@ -181,7 +181,9 @@ def plain(var: str, host: str) -> str:
 
 @pytest.mark.usefixtures("required_env")
 @pytest.mark.parametrize("var", ENDPOINT_VARS)
-@pytest.mark.parametrize("host", ["127.0.0.1:8700", "127.5.6.7", "localhost:8700", "LocalHost", "[::1]:8700"])
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:8700", "127.5.6.7", "localhost:8700", "LocalHost", "[::1]:8700", "[::ffff:127.0.0.1]:8700"]
+)
 def test_plaintext_to_a_loopback_host_is_accepted(var: str, host: str) -> None:
     url = plain(var, host)
     assert getattr(load(**{var.lower(): url}), var.lower()) == url
@@ -193,7 +195,8 @@ def test_plaintext_to_a_loopback_host_is_accepted(var: str, host: str) -> None:
     ("host", "named"),
     [("sim:8700", "sim"), ("10.0.0.5", "10.0.0.5"), ("apiconnect.angelone.in", "apiconnect.angelone.in"),
      ("127.0.0.1.evil.example", "127.0.0.1.evil.example"), ("0.0.0.0:8700", "0.0.0.0"),
-     ("[2001:db8::1]:80", "2001:db8::1"), ("localhost.evil.example", "localhost.evil.example")],
+     ("[2001:db8::1]:80", "2001:db8::1"), ("localhost.evil.example", "localhost.evil.example"),
+     ("[::ffff:10.0.0.5]", "::ffff:10.0.0.5")],
 )  # fmt: skip
 def test_plaintext_to_any_other_host_is_refused(var: str, host: str, named: str) -> None:
     url = plain(var, host)

@@ -5,8 +5,9 @@ A missing or invalid setting is reported by :func:`load` as one line naming it.
 
 Angel's endpoints are https:// and wss://, always with certificate verification. Plaintext
 (http://, ws://) is the opt-out for the simulator: accepted for a loopback host (127.0.0.0/8, ::1,
-localhost), refused for any other host unless ``ANGEL_ALLOW_PLAINTEXT=true``; the worker warns about
-each plaintext endpoint at startup (:func:`plaintext_warnings`).
+their IPv4-mapped form ::ffff:127.x.y.z, localhost), refused for any other host unless
+``ANGEL_ALLOW_PLAINTEXT=true``; the worker warns about each plaintext endpoint at startup
+(:func:`plaintext_warnings`).
 """
 
 from __future__ import annotations
@@ -190,13 +191,16 @@ ENDPOINTS = ("angel_api_url", "angel_ws_url", "angel_instruments_url")
 
 
 def is_loopback(host: str) -> bool:
-    """``localhost``, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    """``localhost``, 127.0.0.0/8, ::1 or 127.0.0.0/8 mapped into IPv6 (``::ffff:127.0.0.1``): traffic
+    that never leaves this machine."""
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # Python < 3.13 does not look into it
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def host_of(url: str) -> str:
