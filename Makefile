@@ -33,9 +33,10 @@ demo: $(STAMP)
 sim: $(STAMP)
 	$(BIN)/angelstream sim
 
-## bench: the end-to-end benchmark (private Redis, simulator, the real worker; ~4 min) and decode speed
+## bench: the end-to-end benchmark (private Redis, simulator, the real worker; ~4 min), decode speed, CPU per tick
 bench: $(STAMP)
 	$(BIN)/python -m bench.decode
+	$(BIN)/python -m bench.hotpath
 	$(BIN)/python -m bench
 
 clean:

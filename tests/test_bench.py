@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench import decode, e2e, procstat, stats
+from bench import decode, e2e, hotpath, procstat, stats
 from tests.simclient import open_stream, receive, subscribe
 from worker import protocol as p
 from worker import simulator
@@ -32,6 +32,28 @@ def test_decode_benchmark_prints_a_row_per_mode(capsys: pytest.CaptureFixture[st
         ["SNAP_QUOTE", "379"],
         ["DEPTH_20", "443"],
     ]
+
+
+def test_hotpath_benchmark_runs_the_worker_s_code_and_the_naive_path_per_mode(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert hotpath.main(["--tokens", "5", "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["mode", "angelstream", "naive", "speed-up"]
+    assert [line.split()[0] for line in lines[2:]] == ["LTP", "QUOTE", "SNAP_QUOTE"]
+
+
+def test_the_hotpath_pass_writes_every_frame_once_with_increasing_ids() -> None:
+    index, frames = hotpath.frames(p.Mode.QUOTE, 3)
+    assert len(frames) == 3 * hotpath.DISTINCT
+    assert len(set(frames)) == len(frames)  # never an exact repeat: each one is normalized and queued
+    worker = hotpath.offline_worker(index)
+    one_pass = hotpath.angelstream(worker, frames)
+    one_pass()
+    one_pass()
+    assert worker.normalizer.repeats == worker.decode_errors == 0
+    assert worker.sink.stats.written == 2 * len(frames)  # every tick queued, taken, packed and counted, twice
+    assert worker.sink.buffered == 0
 
 
 # ----------------------------------------------------------------- the end-to-end benchmark
