@@ -60,7 +60,9 @@ class _WorkerCollector(Collector):
         yield received
         written = CounterMetricFamily("angelstream_ticks_written", "Ticks acknowledged by Redis", labels=["exchange"])
         by_exchange: dict[str, int] = {}
-        for stream, count in list(w.sink.written_by_stream.items()):
+        # The writer adds streams on the event loop's thread. dict.copy() allocates before it copies, so the
+        # collector (which may run a finalizer, and so let another thread in) cannot run in the middle of it.
+        for stream, count in w.sink.written_by_stream.copy().items():
             exchange = stream.split(":")[1]
             by_exchange[exchange] = by_exchange.get(exchange, 0) + count
         for exchange, count in sorted(by_exchange.items()):
